@@ -1,0 +1,85 @@
+"""Probes for optional accelerators and the compiled extension.
+
+Importing cdul_fast never fails because Triton, DALI, CUDA or the pybind11 extension is missing: each probe
+answers True/False, and a missing extension produces exactly one warning naming the fallback in use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+
+@functools.cache
+def has_cuda() -> bool:
+    """True when torch sees a CUDA device."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - torch is a hard dependency
+        return False
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+        return True
+    except Exception:
+        return False
+
+
+def has_triton() -> bool:
+    """True when Triton is importable and can run: a CUDA device, or the CPU interpreter."""
+    return _triton_importable() and (has_cuda() or triton_interpret())
+
+
+@functools.cache
+def has_dali() -> bool:
+    """True when NVIDIA DALI is importable (CPU pipelines work without a GPU)."""
+    try:
+        importlib.import_module("nvidia.dali")
+        return True
+    except Exception:
+        return False
+
+
+@functools.cache
+def store_ext() -> ModuleType | None:
+    """The pybind11 label-store extension, or None (with one warning) when it was not built."""
+    try:
+        return importlib.import_module("cdul_fast._store")
+    except ImportError as exc:
+        if os.environ.get("CDUL_FAST_QUIET_FALLBACK", "0") in ("", "0"):
+            warnings.warn(
+                f"cdul_fast._store extension not available ({exc}); using the numpy.memmap fallback for label "
+                "stores (same format, slower checksums). Reinstall with `pip install -e .` to build it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
+
+
+def backend_report() -> dict[str, object]:
+    """What this installation can use; printed by `cdul-fast --version`-style diagnostics and benchmarks."""
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "cuda": has_cuda(),
+        "device": torch.cuda.get_device_name(0) if has_cuda() else "cpu",
+        "triton": _triton_importable(),
+        "triton_interpret": triton_interpret(),
+        "dali": has_dali(),
+        "store_ext": store_ext() is not None,
+    }

@@ -1,0 +1,301 @@
+"""`cdul-fast label`: stream a collection through a frozen CLIP and write CDUL pseudo labels to a label store.
+
+images -> decode + tile (views.py / dali_views.py) -> CLIP image encoder on all 1 + G^2 views of a block ->
+cosine with the class prompts -> fused softmax + min-max + lambda combine (ops.aggregate_scores) -> store rows.
+
+The store's done map makes the run resumable; blocks are fixed row ranges, so a resumed run recomputes exactly the
+batches an uninterrupted run computes and ends with a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ops
+from .clip_loader import DEFAULT_TEMPLATE, ClipModel, load_clip
+from .datasets import MultiLabelSet, load_dataset
+from .errors import ConfigError, StoreError
+from .loader import make_view_source, plan_blocks
+from .reference import AGGREGATORS
+from .store import LabelStore
+from .views import ViewSpec, normalize_views
+
+ARRAY_CHOICES = ("global", "aggregate", "cdul", "avg", "max")
+SKIPPED = 2  # done-map value of rows whose image could not be decoded
+
+
+@dataclass
+class LabelConfig:
+    """Everything that determines the content of a label store (saved in its metadata and beside it as YAML)."""
+
+    out: str
+    dataset: str = "folder"
+    root: str | None = None
+    split: str | None = None
+    dataset_options: dict = field(default_factory=dict)
+    clip: str = "shapes-clip"
+    clip_weights: str | None = None
+    clip_precision: str = "auto"
+    template: str = DEFAULT_TEMPLATE
+    grid: int = 3
+    zeta: float = 0.3
+    lam: float = 1.0
+    aggregator: str = "cdul"
+    save: tuple[str, ...] = ()
+    batch_size: int = 32
+    decoder: str = "auto"
+    workers: int | None = None
+    device: str = "auto"
+    backend: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    flush_every: int = 50
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.grid < 1:
+            raise ConfigError(f"--grid must be >= 1 (got {self.grid}): CDUL needs at least one snippet per image")
+        if not 0.0 <= self.zeta <= 1.0:
+            raise ConfigError(f"--zeta must be in [0, 1] (softmax scores are), got {self.zeta}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"--lam must be in [0, 1] (0 = average, 1 = max of global and local), got {self.lam}")
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(f"--aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
+        bad = [s for s in self.save if s not in ARRAY_CHOICES]
+        if bad:
+            raise ConfigError(f"--save accepts {', '.join(ARRAY_CHOICES)}; unknown: {', '.join(bad)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"--backend must be auto, triton or torch, got {self.backend!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
+    return dev
+
+
+def _ids_digest(ds: MultiLabelSet) -> str:
+    h = hashlib.sha256()
+    for i in ds.ids:
+        h.update(i.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: str, precision: str) -> dict:
+    """What a resumed run must agree on: any difference would mix rows computed two different ways."""
+    return {
+        "kind": "cdul-pseudo-labels",
+        "dataset": ds.name,
+        "split": ds.split,
+        "images": len(ds),
+        "ids_sha256": _ids_digest(ds),
+        "clip": clip.name,
+        "clip_weights": clip.weights,
+        "clip_identity": clip.identity,
+        "clip_precision": precision,
+        "logit_scale": clip.logit_scale,
+        "template": cfg.template,
+        "grid": cfg.grid,
+        "zeta": cfg.zeta,
+        "lam": cfg.lam,
+        "aggregator": cfg.aggregator,
+        "batch_size": cfg.batch_size,
+        "decoder": decoder,
+    }
+
+
+def _meta_mismatch(old: dict, new: dict) -> list[str]:
+    return [f"{k}: store has {old.get(k)!r}, this run {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+
+
+def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: dict) -> LabelStore:
+    path = Path(cfg.out)
+    if cfg.resume:
+        if not path.exists():
+            raise StoreError(f"--resume: no store at {path} to resume; run without --resume to start one")
+        store = LabelStore.open(path, mode="r+", expect_classes=ds.class_names)
+        diff = _meta_mismatch(store.meta, meta)
+        if diff or list(store.array_names) != arrays:
+            store.close()
+            if list(store.array_names) != arrays:
+                diff.append(f"arrays: store has {list(store.array_names)}, this run {arrays}")
+            raise StoreError(f"cannot resume {path}: it was started with other settings ({'; '.join(diff)})")
+        return store
+    if path.exists() and not cfg.overwrite:
+        raise StoreError(f"{path} already exists: pass --resume to continue it or --overwrite to start over")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return LabelStore.create(path, class_names=ds.class_names, rows=len(ds), arrays=arrays, meta=meta,
+                             overwrite=cfg.overwrite)
+
+
+def _precision(cfg: LabelConfig, device: torch.device) -> str:
+    if cfg.clip_precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if cfg.clip_precision not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"--clip-precision must be auto, fp32, fp16 or bf16, got {cfg.clip_precision!r}")
+    return cfg.clip_precision
+
+
+def _write_runs(store: LabelStore, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    """Write rows (sorted, possibly with gaps left by skipped images) as contiguous runs."""
+    if rows.size == 0:
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for seg in np.split(np.arange(rows.size), breaks):
+        store.write(int(rows[seg[0]]), {k: v[seg] for k, v in values.items()})
+
+
+class _SkipLog:
+    """Rows whose image could not be decoded, with reasons, kept in ``<store>.skipped.tsv`` across resumes."""
+
+    def __init__(self, store_path: Path, ids: tuple[str, ...]) -> None:
+        self.path = store_path.with_name(store_path.name + ".skipped.tsv")
+        self.ids = ids
+        self.entries: dict[int, str] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines()[1:]:
+                row, _, why = line.split("\t", 2)
+                self.entries[int(row)] = why
+
+    def add(self, row: int, why: str) -> None:
+        self.entries[row] = why.replace("\t", " ").replace("\n", " ")
+
+    def save(self) -> None:
+        if not self.entries:
+            self.path.unlink(missing_ok=True)
+            return
+        lines = ["row\tid\treason"] + [f"{r}\t{self.ids[r]}\t{w}" for r, w in sorted(self.entries.items())]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(self.path)
+
+
+@dataclass
+class LabelResult:
+    store: Path
+    rows: int
+    labelled: int
+    skipped: int
+    seconds: float
+    images_per_second: float
+    complete: bool
+
+
+def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: MultiLabelSet | None = None,
+              clip: ClipModel | None = None) -> LabelResult:
+    """Label ``cfg.dataset`` into the store ``cfg.out``; resumable, interrupt-safe (Ctrl-C closes the store)."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = _precision(cfg, device)
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.root, cfg.split, **cfg.dataset_options)
+    if len(ds) == 0:
+        raise ConfigError(f"dataset {ds.name}/{ds.split} has no images")
+    for note in ds.notes:
+        log(f"note: {note}")
+    if clip is None:
+        clip = load_clip(cfg.clip, cfg.clip_weights, device=device,
+                         precision="fp32" if device.type == "cpu" else precision, seed=cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # fixed algorithms: resumed and uninterrupted runs match bit for bit
+        torch.backends.cudnn.deterministic = True
+    spec = ViewSpec.from_preprocess_cfg(clip.preprocess_cfg, cfg.grid)
+    source = make_view_source(cfg.decoder, ds.paths, spec, device, cfg.batch_size, cfg.workers)
+    arrays = ["final", *[a for a in cfg.save if a != "final"]]
+    meta = store_meta(cfg, ds, clip, source.name, precision)
+    store = _open_store(cfg, ds, arrays, meta)
+    skips = _SkipLog(Path(cfg.out), ds.ids)
+    text = clip.encode_text(ds.class_names, cfg.template)
+    outputs = sorted({cfg.aggregator, *[a for a in arrays if a != "final"]})
+    scale = clip.logit_scale
+    blocks = plan_blocks(store.pending_rows(), len(ds), cfg.batch_size)
+    todo = int(sum(b.size for b in blocks))
+    log(f"labelling {todo} of {len(ds)} images of {ds.name}/{ds.split} ({len(ds.class_names)} classes) with "
+        f"{clip.name} on {device} [{source.name} decode, {spec.num_views} views of {spec.image_size}px, "
+        f"{cfg.aggregator} aggregation] -> {cfg.out}")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=todo, unit="img", disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=device.type == "cuda" and precision != "fp32")
+    t0 = time.perf_counter()
+    done_now = skipped_now = 0
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean close as Ctrl-C
+    try:
+        for n, batch in enumerate(source.batches(blocks)):
+            for row, why in batch.failed:
+                skips.add(row, why)
+            if batch.failed:
+                store.done[np.array([r for r, _ in batch.failed], dtype=np.int64)] = SKIPPED
+            if batch.rows.size:
+                with torch.inference_mode(), autocast:
+                    x = normalize_views(batch.views.to(device, non_blocking=True), spec.mean, spec.std)
+                    feats = clip.encode_image(x).float().view(batch.rows.size, spec.num_views, -1)
+                cos = ops.cosine_scores(feats, text)
+                scores = ops.aggregate_scores(cos, scale, cfg.zeta, cfg.lam, outputs, backend=cfg.backend)
+                values = {"final": scores[cfg.aggregator]}
+                values.update({a: scores[a] for a in arrays if a != "final"})
+                _write_runs(store, batch.rows, {k: v.cpu().numpy() for k, v in values.items()})
+            done_now += int(batch.rows.size)
+            skipped_now += len(batch.failed)
+            bar.update(int(batch.rows.size) + len(batch.failed))
+            if cfg.flush_every and (n + 1) % cfg.flush_every == 0:
+                store.flush()
+                skips.save()
+    except KeyboardInterrupt:
+        bar.close()
+        store.close()
+        skips.save()
+        left = int(store.pending_rows().size) if hasattr(store, "pending_rows") else -1
+        log(f"interrupted: the store is consistent, {left} images left; continue with the same command and --resume")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    seconds = time.perf_counter() - t0
+    complete = store.is_complete
+    store.close()
+    skips.save()
+    if skips.entries:
+        log(f"skipped {len(skips.entries)} undecodable images (listed in {skips.path})")
+    _save_config(cfg, Path(cfg.out))
+    return LabelResult(store=Path(cfg.out), rows=len(ds), labelled=done_now, skipped=len(skips.entries),
+                       seconds=seconds, images_per_second=(done_now + skipped_now) / max(seconds, 1e-9),
+                       complete=complete)
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _save_config(cfg: LabelConfig, store_path: Path) -> None:
+    """The resolved configuration beside the store (YAML), as timm saves args beside its outputs."""
+    import yaml
+
+    data = asdict(cfg)
+    data["save"] = list(cfg.save)
+    path = store_path.with_name(store_path.name + ".yaml")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=True), encoding="utf-8")
+    tmp.replace(path)

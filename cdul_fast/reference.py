@@ -1,0 +1,112 @@
+"""Pure-torch reference of CDUL's math (paper eq. 1-8, supplement 6.1-6.2).
+
+This module is the oracle: the Triton kernels in ``cdul_fast.kernels`` must match it, and it is also the CPU path
+used when Triton cannot run. Everything is computed in float32 regardless of the input dtype.
+
+Shapes: ``B`` images, ``V = 1 + N`` views per image (view 0 is the whole image, views 1..N the G x G snippets in
+row-major order), ``C`` classes, ``K`` embedding width, ``M`` rows of the pseudo-label matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+AGGREGATORS: tuple[str, ...] = ("global", "avg", "max", "cdul")
+"""Aggregators of Table 3: global only, mean of all views, max over all views, CDUL's min-max + lambda combine."""
+
+
+def cosine_scores(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 and 3: cosine similarity of every view embedding [B, V, K] with every class embedding [C, K]."""
+    f = F.normalize(feats.float(), dim=-1)
+    w = F.normalize(text.float(), dim=-1)
+    return f @ w.t()
+
+
+def view_softmax(cos: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Eq. 2 and 4: softmax over classes of cosine / tau, where ``logit_scale`` = 1/tau (CLIP's exp(logit_scale))."""
+    return torch.softmax(cos.float() * float(logit_scale), dim=-1)
+
+
+def minmax_aggregate(local: torch.Tensor, zeta: float) -> torch.Tensor:
+    """Eq. 5-6: per class, the max over snippets if it reaches ``zeta``, else their min. [B, N, C] -> [B, C]."""
+    alpha = local.amax(dim=1)
+    beta = local.amin(dim=1)
+    return torch.where(alpha >= zeta, alpha, beta)
+
+
+def combine(s_global: torch.Tensor, s_aggregate: torch.Tensor, lam: float) -> torch.Tensor:
+    """Supplement 6.1: 1/2 (g + a + lambda |g - a|); lambda=0 is the average, lambda=1 the element-wise max."""
+    return 0.5 * (s_global + s_aggregate + lam * (s_global - s_aggregate).abs())
+
+
+def aggregate_all(cos: torch.Tensor, logit_scale: float, zeta: float, lam: float) -> dict[str, torch.Tensor]:
+    """Every aggregator from one tensor of cosine scores [B, V, C] (V >= 2), as float32 [B, C] tensors.
+
+    Keys: ``global`` (whole image), ``aggregate`` (min-max over snippets, eq. 6), ``cdul`` (combine of the two),
+    ``avg`` (mean over all V views) and ``max`` (max over all V views).
+    """
+    if cos.dim() != 3 or cos.shape[1] < 2:
+        raise ValueError(f"expected cosine scores [B, 1 + N, C] with N >= 1 snippets, got {tuple(cos.shape)}")
+    s = view_softmax(cos, logit_scale)
+    s_global = s[:, 0]
+    s_ag = minmax_aggregate(s[:, 1:], zeta)
+    return {
+        "global": s_global,
+        "aggregate": s_ag,
+        "cdul": combine(s_global, s_ag, lam),
+        "avg": s.mean(dim=1),
+        "max": s.amax(dim=1),
+    }
+
+
+def aggregate(cos: torch.Tensor, logit_scale: float, zeta: float, lam: float, mode: str = "cdul") -> torch.Tensor:
+    """One aggregator (see ``AGGREGATORS``) of cosine scores [B, V, C] -> pseudo labels [B, C] in float32."""
+    if mode not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {mode!r}; choose one of {', '.join(AGGREGATORS)}")
+    return aggregate_all(cos, logit_scale, zeta, lam)[mode]
+
+
+def psi_c2_auto(c1: float, sigma: float) -> float:
+    """The c2 that makes psi(0) = psi(1) = 0 (supplement 6.2: c2 keeps psi near zero for confident labels)."""
+    return -c1 / (sigma * math.sqrt(2.0 * math.pi)) * math.exp(-0.5 * (0.5 / sigma) ** 2)
+
+
+def psi(y: torch.Tensor, c1: float, sigma: float, c2: float) -> torch.Tensor:
+    """Supplement 6.2: c1 / (sigma sqrt(2 pi)) exp(-1/2 ((y - 0.5) / sigma)^2) + c2, the confidence weight."""
+    z = (y.float() - 0.5) / sigma
+    return c1 / (sigma * math.sqrt(2.0 * math.pi)) * torch.exp(-0.5 * z * z) + c2
+
+
+def kl_grad_wrt_labels(latent: torch.Tensor, pred: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """d/dy_u of the per-class Bernoulli KL(y_u || y_p) = logit(y_u) - logit(y_p), with y_u = sigmoid(latent).
+
+    ``pred`` are predicted probabilities y_p, clamped to [eps, 1 - eps] so the gradient stays finite.
+    """
+    p = pred.float().clamp(eps, 1.0 - eps)
+    return latent.float() - torch.log(p / (1.0 - p))
+
+
+def latent_update(
+    latent: torch.Tensor,
+    pred: torch.Tensor,
+    c1: float,
+    sigma: float,
+    c2: float,
+    lr: float = 1.0,
+    use_psi: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Eq. 7-8: latent <- latent - lr * psi(sigmoid(latent)) * dKL/dy_u (psi replaced by 1 when ``use_psi`` is off)."""
+    lat = latent.float()
+    grad = kl_grad_wrt_labels(lat, pred, eps)
+    weight = psi(torch.sigmoid(lat), c1, sigma, c2) if use_psi else torch.ones_like(lat)
+    return lat - lr * weight * grad
+
+
+def labels_to_latent(labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Latent parameters of pseudo labels: sigma^-1(y), with y clamped to [eps, 1 - eps]."""
+    y = labels.float().clamp(eps, 1.0 - eps)
+    return torch.log(y / (1.0 - y))
