@@ -110,6 +110,90 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--summary", action="store_true", help="only the mAP line, no per-class rows")
     f.add("--allow-incomplete", action="store_true", help="evaluate the rows labelled so far of an unfinished store")
     ev.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("train", help="train a classifier on a label store (KL loss + latent label updates)",
+                        description="Gradient-alignment training (paper 3.2, supplement 6.2): the classifier learns "
+                                    "from the soft pseudo labels with a KL loss; after the warm-up, every epoch ends "
+                                    "with a psi-weighted update of the whole latent pseudo-label matrix. Baselines "
+                                    "(an, ls, epr) use the same loop. Checkpoints every epoch; --resume continues.")
+    f = _Flags(tr, "train")
+    f.add("--labels", help="label store written by `cdul-fast label`", required=True)
+    f.add("--out", "-o", help="run folder (checkpoints, log, plot, final model)", required=True)
+    _dataset_flags(f)
+    f.add("--test-split", help="split for test mAP each epoch ('none' to skip)")
+    f.add("--labels-array", help="store array that initializes the pseudo labels")
+    f.add("--arch", help="torchvision model name (resnet101, resnet50, convnext_tiny, ...) or shapesnet")
+    f.add("--pretrained", help="torchvision weights tag (DEFAULT, IMAGENET1K_V2) or a local weights file")
+    f.add("--image-size", type=int, help="input side: the whole image is resized to S x S")
+    f.add("--epochs", type=int, help="training epochs")
+    f.add("--warmup", type=int, help="epochs before the first latent label update")
+    f.add("--batch-size", type=int, help="images per step")
+    f.add("--lr", type=float, help="AdamW learning rate")
+    f.add("--weight-decay", type=float, help="AdamW weight decay")
+    f.add("--scheduler", choices=["cosine", "none"], help="learning-rate schedule")
+    f.add("--method", choices=["cdul", "an", "ls", "epr"],
+          help="cdul (KL + latent updates), an (BCE, assume negative), ls (label smoothing), epr (expected positive "
+               "regularization)")
+    f.add("--targets", choices=["soft", "hard"], help="soft pseudo labels or hard (thresholded) ones")
+    f.add("--hard-threshold", type=float, help="threshold for hard labels and the baselines")
+    f.add("--no-update-labels", action="store_false", key="update_labels",
+          help="ablation: never update the pseudo labels (cdul)")
+    f.add("--no-psi", action="store_false", key="psi", help="ablation: latent step without the psi weight")
+    f.add("--c1", type=float, help="psi: scale c1")
+    f.add("--sigma", type=float, help="psi: width sigma of the Gaussian around 0.5")
+    f.add("--c2", type=float, help="psi: offset c2 (default: psi(0) = psi(1) = 0)")
+    f.add("--label-lr", type=float, help="step size of the latent update")
+    f.add("--smoothing", type=float, help="label smoothing of the ls baseline")
+    f.add("--epr-weight", type=float, help="weight of the expected-positive penalty (epr baseline)")
+    f.add("--no-flip", action="store_false", key="flip", help="no random horizontal flips")
+    f.add("--device", help="auto, cpu, cuda or cuda:N")
+    f.add("--backend", choices=["auto", "triton", "torch"], help="latent-update kernel")
+    f.add("--workers", type=int, help="image decode workers")
+    f.add("--cache-images", choices=["auto", "yes", "no"], help="keep decoded training images in RAM")
+    f.add("--seed", type=int, help="seed (data order, augmentation, initialization)")
+    f.add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    f.add("--overwrite", action="store_true", help="start over in a non-empty run folder")
+    f.add("--no-progress", action="store_true", help="no progress bars", key="no_progress")
+    f.add("--config", help="YAML file of option values (overridden by flags given here)")
+    tr.set_defaults(func=cmd_train)
+
+    ex = sub.add_parser("export", help="export a trained classifier to ONNX (checked against torch)",
+                        description="Write the classifier of a training run as ONNX with a dynamic batch axis. "
+                                    "Input: float32 RGB in [0,1], [N, 3, S, S]; output: per-class probabilities. "
+                                    "The file is checked with onnx.checker and ONNX Runtime against torch.")
+    ex.add_argument("--checkpoint", required=True,
+                    help="run folder of `cdul-fast train`, its model.safetensors, or its checkpoint.pt")
+    ex.add_argument("--out", "-o", required=True, help="ONNX file to write")
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    ex.add_argument("--atol", type=float, default=1e-4, help="max |ONNX Runtime - torch| accepted (default: 1e-4)")
+    ex.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("predict", help="per-class scores of images with an exported ONNX model (ONNX Runtime)",
+                        description="Run an ONNX model from `cdul-fast export` on a folder of images or a dataset "
+                                    "split; write scores as CSV or JSON and report mAP when ground truth exists.")
+    f = _Flags(pr, "predict")
+    f.add("--model", help="ONNX model written by `cdul-fast export`", required=True)
+    f.add("--images", help="folder of images to score (recursively)")
+    _dataset_flags(f)
+    f.add("--out", "-o", help="scores file: .csv (id + one column per class) or .json")
+    f.add("--batch-size", type=int, help="images per ONNX Runtime call")
+    f.add("--device", choices=["auto", "cuda", "cpu"], help="execution provider")
+    f.add("--no-progress", action="store_true", help="no progress bar", key="no_progress")
+    pr.set_defaults(func=cmd_predict)
+
+    de = sub.add_parser("demo", help="the whole pipeline on the embedded shapes world with the shipped tiny CLIP",
+                        description="Generate the shapes world, label its train split with the shipped CLIP, print "
+                                    "the pseudo-label mAP of the global/avg/max/cdul aggregators, train a small "
+                                    "classifier with latent label updates, export it to ONNX and report its test "
+                                    "mAP with ONNX Runtime.")
+    de.add_argument("--out", "-o", default="cdul-demo", help="work folder (default: ./cdul-demo)")
+    de.add_argument("--train-images", type=int, default=None, help="images in the train split (default: shapes' own)")
+    de.add_argument("--test-images", type=int, default=None, help="images in the test split (default: shapes' own)")
+    de.add_argument("--epochs", type=int, default=None, help="classifier epochs (default: demo.yaml)")
+    de.add_argument("--skip-train", action="store_true", help="stop after the pseudo-label table")
+    de.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    de.add_argument("--no-progress", action="store_true", help="no progress bars")
+    de.set_defaults(func=cmd_demo)
     return p
 
 
@@ -136,7 +220,7 @@ def cmd_eval(args: dict) -> int:
     opts = _dataset_options(args)
     name = args.get("dataset")
     if name is None:  # the store knows where it came from
-        with LabelStore.open(args["labels"], mode="r", allow_incomplete=True) as st:
+        with LabelStore.open(args["labels"], mode="r", verify=False) as st:
             name = st.meta.get("dataset")
             args.setdefault("split", st.meta.get("split"))
         if name is None:
@@ -150,6 +234,74 @@ def cmd_eval(args: dict) -> int:
             print(f"note: {n}")
         print(format_table(reports, per_class=not args.get("summary", False)))
     return 0
+
+
+def cmd_train(args: dict) -> int:
+    from .train import TrainConfig, run_train
+
+    args["dataset_options"] = {**(args.get("dataset_options") or {}), **_dataset_options(args)}
+    progress = not args.pop("no_progress", False)
+    cfg = TrainConfig(**resolve("train", args, args.pop("config", None)), progress=progress and sys.stderr.isatty())
+    res = run_train(cfg)
+    last = res.last
+    shown = ", ".join(f"{k} {last[k]:.2f}" for k in ("pseudo_map", "test_map") if last.get(k) is not None)
+    print(f"{res.out}: {len(res.history) - 1} epochs{', ' + shown if shown else ''} ({res.seconds:.0f}s)")
+    return 0
+
+
+def cmd_export(args: dict) -> int:
+    from .export import export_onnx
+
+    rep = export_onnx(args["checkpoint"], args["out"], opset=args["opset"], atol=args["atol"])
+    print(f"{rep['out']}: {rep['classes']} classes, input [N, 3, {rep['image_size']}, {rep['image_size']}], "
+          f"max |onnxruntime - torch| = {rep['max_abs_diff']:.2e}")
+    return 0
+
+
+def cmd_predict(args: dict) -> int:
+    from pathlib import Path
+
+    from .datasets import load_dataset
+    from .errors import ConfigError
+    from .evaluate import evaluate_scores, format_table
+    from .predict import open_model, predict_paths, write_scores
+
+    cfg = resolve("predict", args)
+    model = open_model(cfg["model"], cfg["device"])
+    opts = _dataset_options(cfg)
+    if cfg.get("images") and cfg.get("dataset"):
+        raise ConfigError("pass either --images or --dataset, not both")
+    if cfg.get("images"):
+        opts.setdefault("classes", ",".join(model.class_names))
+        ds = load_dataset("folder", cfg["images"], "all", **opts)
+    elif cfg.get("dataset"):
+        ds = load_dataset(cfg["dataset"], cfg.get("root"), cfg.get("split"), **opts)
+    else:
+        raise ConfigError("pass --images DIR or --dataset NAME (with --root/--split) to predict on")
+    if tuple(ds.class_names) != model.class_names:
+        raise ConfigError(f"the model's {len(model.class_names)} classes differ from {ds.name}'s "
+                          f"{len(ds.class_names)}: {', '.join(model.class_names[:5])}, ...")
+    scores, errors = predict_paths(model, list(ds.paths), cfg["batch_size"],
+                                   progress=not cfg.get("no_progress") and sys.stderr.isatty())
+    for r, why in sorted(errors.items()):
+        print(f"skipped {ds.ids[r]}: {why}", file=sys.stderr)
+    if cfg.get("out"):
+        write_scores(Path(cfg["out"]), list(ds.ids), model.class_names, scores)
+        print(f"{cfg['out']}: scores of {len(ds) - len(errors)} images ({model.provider})")
+    if ds.labels is not None:
+        import numpy as np
+
+        rows = np.array([r for r in range(len(ds)) if r not in errors], dtype=np.int64)
+        print(format_table({"onnx": evaluate_scores(scores, ds, rows)}, per_class=False))
+    elif not cfg.get("out"):
+        raise ConfigError("nothing to report: the images have no ground truth, pass --out FILE for the scores")
+    return 0
+
+
+def cmd_demo(args: dict) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

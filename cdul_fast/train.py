@@ -1,0 +1,461 @@
+"""`cdul-fast train`: the gradient-alignment stage (paper section 3.2, supplement 6.2) and the baselines.
+
+Each epoch trains the network on fixed pseudo labels y_u = sigmoid(latent) with the KL loss, collecting its
+predictions y_p for every training image; after ``warmup`` epochs the whole latent matrix is then updated once with
+the psi-weighted step of eq. 7-8 (a fused kernel over the memory-mapped run store). Checkpoints are atomic and hold
+everything a resumed run needs (model, optimizer, scheduler, RNG, the latent matrix, the log), so a run killed at
+any point and resumed ends with the same numbers as an uninterrupted one on CPU.
+
+Run folder: config.yaml, labels.cdul (arrays init/latent/labels/pred), checkpoint.pt, model.safetensors +
+model.json (for export), log.csv, curves.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ops
+from .checkpoint import load_checkpoint, save_atomic, save_safetensors_atomic
+from .classifier import build_classifier
+from .datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
+from .errors import ConfigError, StoreError
+from .evaluate import average_precision
+from .imageset import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits, normalize
+from .label import resolve_device
+from .losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
+from .reference import psi_c2_auto
+from .store import LabelStore
+
+METHODS = ("cdul", "an", "ls", "epr")
+CKPT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    labels: str
+    out: str
+    dataset: str | None = None
+    root: str | None = None
+    split: str | None = None
+    test_split: str | None = None
+    dataset_options: dict = field(default_factory=dict)
+    test_dataset_options: dict = field(default_factory=dict)
+    labels_array: str = "final"
+    arch: str = "resnet101"
+    pretrained: str | None = None
+    image_size: int = 448
+    epochs: int = 20
+    warmup: int = 3
+    batch_size: int = 16
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"
+    method: str = "cdul"
+    targets: str = "soft"
+    hard_threshold: float = 0.5
+    update_labels: bool = True
+    psi: bool = True
+    c1: float = 1.0
+    sigma: float = 0.2
+    c2: float | None = None
+    label_lr: float = 1.0
+    smoothing: float = 0.1
+    epr_weight: float = 1.0
+    flip: bool = True
+    device: str = "auto"
+    backend: str = "auto"
+    workers: int | None = None
+    cache_images: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.targets not in ("soft", "hard"):
+            raise ConfigError(f"--targets must be soft or hard, got {self.targets!r}")
+        if self.epochs < 1 or self.warmup < 0:
+            raise ConfigError(f"--epochs must be >= 1 and --warmup >= 0 (got {self.epochs}, {self.warmup})")
+        if self.batch_size < 1 or self.image_size < 8:
+            raise ConfigError(f"--batch-size must be >= 1 and --image-size >= 8 (got {self.batch_size}, "
+                              f"{self.image_size})")
+        if not self.lr > 0 or not self.label_lr > 0 or not self.sigma > 0:
+            raise ConfigError("--lr, --label-lr and --sigma must be > 0")
+        if not 0.0 < self.hard_threshold < 1.0:
+            raise ConfigError(f"--hard-threshold must be in (0, 1), got {self.hard_threshold}")
+        if self.scheduler not in ("cosine", "none"):
+            raise ConfigError(f"--scheduler must be cosine or none, got {self.scheduler!r}")
+        if self.cache_images not in ("auto", "yes", "no"):
+            raise ConfigError(f"--cache-images must be auto, yes or no, got {self.cache_images!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+
+    @property
+    def updates_labels(self) -> bool:
+        return self.method == "cdul" and self.update_labels
+
+    @property
+    def psi_c2(self) -> float:
+        return psi_c2_auto(self.c1, self.sigma) if self.c2 is None else float(self.c2)
+
+    def identity(self) -> dict:
+        """Settings a resumed run must share with the run it continues."""
+        keep = ("labels_array", "arch", "pretrained", "image_size", "epochs", "warmup", "batch_size", "lr",
+                "weight_decay", "scheduler", "method", "targets", "hard_threshold", "update_labels", "psi", "c1",
+                "sigma", "c2", "label_lr", "smoothing", "epr_weight", "flip", "seed")
+        return {k: getattr(self, k) for k in keep}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    history: list[dict]
+    seconds: float
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+
+
+def _datasets(cfg: TrainConfig, store_meta: dict) -> tuple[MultiLabelSet, MultiLabelSet | None]:
+    name = cfg.dataset or store_meta.get("dataset")
+    if not name:
+        raise ConfigError("--dataset is needed: the label store does not record its dataset")
+    split = cfg.split or store_meta.get("split")
+    train = load_dataset(name, cfg.root, split, **cfg.dataset_options)
+    test_split = cfg.test_split if cfg.test_split is not None else DEFAULT_SPLITS.get(name, (None, None))[1]
+    test = None
+    if test_split and test_split != "none":
+        test = load_dataset(name, cfg.root, test_split, **{**cfg.dataset_options, **cfg.test_dataset_options})
+        if test.labels is None:
+            test = None
+    return train, test
+
+
+def _images(ds: MultiLabelSet, cfg: TrainConfig, workers: int, desc: str) -> ImageTensors:
+    cache = cfg.cache_images == "yes" or (cfg.cache_images == "auto" and cache_fits(len(ds), cfg.image_size))
+    return ImageTensors(ds.paths, cfg.image_size, workers=workers, cache=cache, progress=cfg.progress, desc=desc)
+
+
+def _epoch_order(seed: int, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, torch.Generator]:
+    """A data order and augmentation generator that depend only on (seed, epoch): resuming needs no RNG replay."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return rows[torch.randperm(rows.size, generator=g).numpy()], g
+
+
+# --------------------------------------------------------------------------------------------------------- run store
+
+
+def _create_run_store(path: Path, src: LabelStore, array: str, meta: dict) -> LabelStore:
+    init = np.asarray(src.array(array), dtype=np.float32)
+    st = LabelStore.create(path, class_names=src.class_names, rows=src.rows,
+                           arrays=["init", "latent", "labels", "pred"], meta=meta, overwrite=True)
+    y = np.clip(init, 1e-6, 1 - 1e-6)
+    st.write(0, {"init": init, "latent": np.log(y / (1 - y)), "labels": init, "pred": np.zeros_like(init)})
+    st.flush()
+    return st
+
+
+# ------------------------------------------------------------------------------------------------------------- loop
+
+
+class Trainer:
+    """One training run; ``run`` executes the remaining epochs (all of them, or those after a checkpoint)."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
+        cfg.validate()
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        with LabelStore.open(cfg.labels, mode="r") as src:
+            if not src.is_complete:
+                raise StoreError(f"{cfg.labels} is incomplete: finish labelling (cdul-fast label ... --resume) first")
+            if cfg.labels_array not in src.array_names:
+                raise ConfigError(f"{cfg.labels} has no array {cfg.labels_array!r} (it has "
+                                  f"{', '.join(src.array_names)})")
+            self.src_meta = dict(src.meta)
+            self.train_ds, self.test_ds = _datasets(cfg, self.src_meta)
+            if tuple(self.train_ds.class_names) != tuple(src.class_names) or len(self.train_ds) != src.rows:
+                raise StoreError(f"{cfg.labels} ({src.rows} rows, {len(src.class_names)} classes) does not belong to "
+                                 f"{self.train_ds.name}/{self.train_ds.split} ({len(self.train_ds)} images, "
+                                 f"{self.train_ds.num_classes} classes)")
+            self.rows = np.flatnonzero(np.asarray(src.done) == 1).astype(np.int64)
+            self._prepare_out(src)
+        self.classes = self.train_ds.class_names
+        self.model = build_classifier(cfg.arch, len(self.classes), cfg.pretrained).to(self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
+                      if cfg.scheduler == "cosine" else None)
+        self.history: list[dict] = []
+        self.start_epoch = 1
+        if cfg.resume:
+            self._load_checkpoint()
+        workers = cfg.workers if cfg.workers is not None else min(8, max(1, (torch.get_num_threads() or 2) - 1))
+        self.train_imgs = _images(self.train_ds, cfg, workers, "decode train")
+        self.test_imgs = _images(self.test_ds, cfg, workers, "decode test") if self.test_ds is not None else None
+        self.expected_pos = float((np.asarray(self.store.array("init"))[self.rows] >= cfg.hard_threshold).sum(1)
+                                  .mean()) if self.rows.size else 1.0
+
+    # -- setup
+    def _prepare_out(self, src: LabelStore) -> None:
+        cfg = self.cfg
+        ckpt = self.out / "checkpoint.pt"
+        if self.out.exists() and any(self.out.iterdir()) and not (cfg.resume or cfg.overwrite):
+            raise ConfigError(f"run folder {self.out} is not empty: pass --resume to continue it or --overwrite")
+        if cfg.resume and not ckpt.is_file():
+            self.log(f"note: no checkpoint in {self.out} yet; starting from epoch 1")
+            cfg.resume = False
+        self.out.mkdir(parents=True, exist_ok=True)
+        _save_yaml(asdict(cfg), self.out / "config.yaml")
+        meta = {"kind": "cdul-train", "source": str(Path(cfg.labels).resolve()), "array": cfg.labels_array}
+        self.store = _create_run_store(self.out / "labels.cdul", src, cfg.labels_array, meta)
+
+    def _load_checkpoint(self) -> None:
+        ck = load_checkpoint(self.out / "checkpoint.pt")
+        if ck.get("version") != CKPT_VERSION:
+            raise ConfigError(f"{self.out / 'checkpoint.pt'} has version {ck.get('version')}, expected {CKPT_VERSION}")
+        saved = json.loads(ck["identity"])
+        diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.cfg.identity().items() if saved.get(k) != v]
+        if diff:
+            raise ConfigError(f"cannot resume {self.out}: settings differ from the checkpoint ({'; '.join(diff)})")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in ck:
+            torch.cuda.set_rng_state(ck["rng_cuda"], self.device)
+        latent = ck["latent"].numpy()
+        self.store.array("latent")[:] = latent
+        self.store.array("labels")[:] = 1.0 / (1.0 + np.exp(-latent))
+        self.store.flush()
+        self.history = json.loads(ck["history"])
+        self.start_epoch = int(ck["epoch"]) + 1
+        self.log(f"resumed {self.out} after epoch {ck['epoch']}")
+
+    # -- one epoch
+    def _targets(self, rows: np.ndarray) -> torch.Tensor:
+        cfg = self.cfg
+        src = "labels" if cfg.updates_labels else "init"
+        y = torch.from_numpy(np.asarray(self.store.array(src))[rows]).to(self.device)
+        if cfg.method != "cdul" or cfg.targets == "hard":
+            y = (y >= cfg.hard_threshold).float()
+        return y
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m = self.cfg.method
+        if m == "cdul":
+            return kl_loss(logits, y)
+        if m == "an":
+            return bce_loss(logits, y)
+        if m == "ls":
+            return smoothed_bce_loss(logits, y, self.cfg.smoothing)
+        return epr_loss(logits, y, self.expected_pos, self.cfg.epr_weight)
+
+    def _train_epoch(self, epoch: int) -> float:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.model.train()
+        order, gen = _epoch_order(cfg.seed, epoch, self.rows)
+        pred = self.store.array("pred")
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        total, n = 0.0, 0
+        bar = tqdm(total=order.size, unit="img", desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
+                   file=sys.stderr, dynamic_ncols=True, leave=False)
+        for rows, x in self.train_imgs.batches(order, cfg.batch_size):
+            x = normalize(x.to(self.device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+            if cfg.flip:
+                flip = torch.rand(x.shape[0], generator=gen) < 0.5
+                x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
+            y = self._targets(rows)
+            with autocast:
+                logits = self.model(x)
+            loss = self._loss(logits.float(), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            pred[rows] = torch.sigmoid(logits.detach().float()).cpu().numpy()
+            total += float(loss) * len(rows)
+            n += len(rows)
+            bar.update(len(rows))
+        bar.close()
+        if self.sched is not None:
+            self.sched.step()
+        return total / max(n, 1)
+
+    def _update_latent(self) -> None:
+        """Eq. 7-8 over the whole matrix at once: the fused kernel streams the memory-mapped arrays in place."""
+        cfg = self.cfg
+        latent, pred, labels = (self.store.array(a) for a in ("latent", "pred", "labels"))
+        if self.rows.size == latent.shape[0]:
+            ops.latent_update_stream(latent, pred, cfg.c1, cfg.sigma, cfg.psi_c2, cfg.label_lr, cfg.psi,
+                                     device=self.device, labels_out_np=labels, backend=cfg.backend)
+        else:  # rows skipped at labelling time have no prediction: update the trained rows only
+            lat = np.ascontiguousarray(latent[self.rows])
+            lab = np.empty_like(lat)
+            ops.latent_update_stream(lat, np.ascontiguousarray(pred[self.rows]), cfg.c1, cfg.sigma, cfg.psi_c2,
+                                     cfg.label_lr, cfg.psi, device=self.device, labels_out_np=lab,
+                                     backend=cfg.backend)
+            latent[self.rows], labels[self.rows] = lat, lab
+        self.store.flush()
+
+    @torch.inference_mode()
+    def predict(self, imgs: ImageTensors, n: int) -> np.ndarray:
+        self.model.eval()
+        out = np.zeros((n, len(self.classes)), dtype=np.float32)
+        for rows, x in imgs.batches(np.arange(n), max(self.cfg.batch_size, 64)):
+            x = normalize(x.to(self.device), IMAGENET_MEAN, IMAGENET_STD)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                out[rows] = torch.sigmoid(self.model(x).float()).cpu().numpy()
+        return out
+
+    def _metrics(self, epoch: int, loss: float, seconds: float) -> dict:
+        row: dict = {"epoch": epoch, "train_loss": loss, "seconds": round(seconds, 3)}
+        if self.train_ds.labels is not None and self.rows.size:
+            labels = np.asarray(self.store.array("labels" if self.cfg.updates_labels else "init"))
+            row["pseudo_map"] = _map(labels[self.rows], self.train_ds.labels[self.rows])
+        if self.test_ds is not None and self.test_imgs is not None:
+            row["test_map"] = _map(self.predict(self.test_imgs, len(self.test_ds)), self.test_ds.labels)
+        return row
+
+    def _checkpoint(self, epoch: int) -> None:
+        ck = {
+            "version": CKPT_VERSION,
+            "epoch": epoch,
+            "identity": json.dumps(self.cfg.identity(), sort_keys=True),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else {},
+            "rng_cpu": torch.get_rng_state(),
+            "latent": torch.from_numpy(np.array(self.store.array("latent"))),
+            "history": json.dumps(self.history),
+        }
+        if self.device.type == "cuda":
+            ck["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        save_atomic(ck, self.out / "checkpoint.pt")
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if self.start_epoch == 1 and not self.history:
+            init = self._metrics(0, float("nan"), 0.0)
+            init.pop("test_map", None)
+            self.history.append(init)
+        updates = f", latent updates after epoch {cfg.warmup}" if cfg.updates_labels else ""
+        self.log(f"training {cfg.arch} ({cfg.method}{updates}) "
+                 f"on {self.rows.size} images of {self.train_ds.name}/{self.train_ds.split}, {len(self.classes)} "
+                 f"classes, {self.device} -> {self.out}")
+        for epoch in range(self.start_epoch, cfg.epochs + 1):
+            te = time.perf_counter()
+            loss = self._train_epoch(epoch)
+            if cfg.updates_labels and epoch > cfg.warmup:
+                self._update_latent()
+            row = self._metrics(epoch, loss, time.perf_counter() - te)
+            self.history.append(row)
+            self._checkpoint(epoch)
+            self._write_log()
+            self.log(_format_row(row))
+        self._save_model()
+        _plot(self.history, self.out / "curves.png")
+        self.store.close()
+        return TrainResult(self.out, self.history, time.perf_counter() - t0)
+
+    def _write_log(self) -> None:
+        keys = ["epoch", "train_loss", "pseudo_map", "test_map", "seconds"]
+        tmp = self.out / ".log.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            for row in self.history:
+                w.writerow({k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k]))
+                                else row[k]) for k in keys})
+        tmp.replace(self.out / "log.csv")
+
+    def _save_model(self) -> None:
+        info = {"arch": self.cfg.arch, "num_classes": len(self.classes), "class_names": list(self.classes),
+                "image_size": self.cfg.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                "method": self.cfg.method, "epochs": self.cfg.epochs, "history": self.history[-1:]}
+        save_safetensors_atomic(self.model.state_dict(), self.out / "model.safetensors",
+                                {"cdul_fast": json.dumps(info)})
+        _save_json(info, self.out / "model.json")
+
+
+def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    return Trainer(cfg, log).run()
+
+
+# ------------------------------------------------------------------------------------------------------------ utils
+
+
+def _map(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    ap = average_precision(scores, labels)
+    ok = ap[~np.isnan(ap)]
+    return round(float(ok.mean()) * 100.0, 4) if ok.size else None
+
+
+def _format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']:>3}", f"loss {row['train_loss']:.4f}"]
+    if row.get("pseudo_map") is not None:
+        parts.append(f"pseudo-label mAP {row['pseudo_map']:.2f}")
+    if row.get("test_map") is not None:
+        parts.append(f"test mAP {row['test_map']:.2f}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def _save_yaml(data: dict, path: Path) -> None:
+    import yaml
+
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _save_json(data: dict, path: Path) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    """Loss and mAP curves (PNG); skipped silently when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(ep[1:], [h["train_loss"] for h in history[1:]], marker="o")
+    a.set(xlabel="epoch", ylabel="train loss", title="loss")
+    for key, name in (("pseudo_map", "pseudo labels (train)"), ("test_map", "classifier (test)")):
+        pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            b.plot(*zip(*pts), marker="o", label=name)
+    b.set(xlabel="epoch", ylabel="mAP (%)", title="mAP")
+    b.legend()
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,224 @@
+"""End-to-end `label` and `eval`: rows against an independent reference, resume after SIGKILL, skips, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdul_fast.clip_loader import load_clip
+from cdul_fast.cli import main
+from cdul_fast.datasets import load_dataset
+from cdul_fast.evaluate import evaluate_store
+from cdul_fast.label import LabelConfig, run_label
+from cdul_fast.store import LabelStore
+
+TINY = str(Path(__file__).parent / "data" / "tiny_clip.json")
+CLASSES = ("circle", "square", "triangle", "star", "cross", "heart", "ring")
+SIZE = 32  # tiny_clip.json image size
+GRID = 3
+
+
+def _draw(rng: np.random.Generator, side: int) -> Image.Image:
+    """A noisy background with a few coloured rectangles: enough structure that CLIP features differ per view."""
+    arr = rng.integers(0, 60, size=(side, side, 3), dtype=np.uint8)
+    for _ in range(rng.integers(1, 4)):
+        y, x = rng.integers(0, side - 8, size=2)
+        h, w = rng.integers(4, side // 2, size=2)
+        arr[y:y + h, x:x + w] = rng.integers(60, 256, size=3, dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PNG images of side G * S (snippets are exactly S x S pixels) plus a labels CSV with 1/0/-1 entries."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    lines = ["path," + ",".join(CLASSES)]
+    for i in range(11):
+        _draw(rng, GRID * SIZE).save(root / f"im{i:02d}.png")
+        row = rng.integers(0, 2, size=len(CLASSES))
+        row[0] = 1 if i % 2 else 0  # every class column has positives and negatives
+        if i == 3:
+            row[2] = -1
+        lines.append(f"im{i:02d}.png," + ",".join(str(int(v)) for v in row))
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip(TINY, "random", device="cpu", precision="fp32", seed=0)
+
+
+def _cfg(out: Path, root: Path, **kw) -> LabelConfig:
+    base = dict(out=str(out), dataset="folder", root=str(root),
+                dataset_options={"classes": ",".join(CLASSES), "labels": "labels.csv"}, clip=TINY,
+                clip_weights="random", grid=GRID, zeta=0.3, lam=1.0, batch_size=4, decoder="torchvision",
+                workers=0, device="cpu", backend="torch", progress=False)
+    base.update(kw)
+    return LabelConfig(**base)
+
+
+def _independent_reference(clip, paths, zeta: float, lam: float) -> dict[str, np.ndarray]:
+    """Eq. 1-6 and the lambda combine written out here, with open_clip's own transform for the whole image."""
+    import open_clip
+
+    cfg = clip.preprocess_cfg
+    tf = open_clip.image_transform(SIZE, is_train=False, mean=cfg["mean"], std=cfg["std"])
+    mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(3, 1, 1)
+    text = clip.model.encode_text(clip.tokenizer([f"a photo of the {c}" for c in CLASSES]))
+    text = text / text.norm(dim=-1, keepdim=True)
+    scale = clip.model.logit_scale.exp()
+    out: dict[str, list] = {k: [] for k in ("global", "aggregate", "cdul", "avg", "max")}
+    for path in paths:
+        img = Image.open(path).convert("RGB")
+        arr = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
+        views = [tf(img)]
+        for i in range(GRID):
+            for j in range(GRID):
+                views.append((arr[:, i * SIZE:(i + 1) * SIZE, j * SIZE:(j + 1) * SIZE] - mean) / std)
+        with torch.no_grad():
+            f = clip.model.encode_image(torch.stack(views))
+        f = f / f.norm(dim=-1, keepdim=True)
+        p = torch.softmax(scale * f @ text.T, dim=-1)
+        g, snip = p[0], p[1:]
+        hi, lo = snip.max(dim=0).values, snip.min(dim=0).values
+        agg = torch.where(hi >= zeta, hi, lo)
+        out["global"].append(g)
+        out["aggregate"].append(agg)
+        out["cdul"].append(lam * torch.maximum(g, agg) + (1 - lam) * (g + agg) / 2)
+        out["avg"].append(p.mean(dim=0))
+        out["max"].append(p.max(dim=0).values)
+    return {k: torch.stack(v).detach().numpy() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_match_independent_reference(tmp_path, image_folder, clip, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    out = tmp_path / "labels.cdul"
+    res = run_label(_cfg(out, image_folder, backend=backend, lam=0.5,
+                         save=("global", "aggregate", "cdul", "avg", "max")), log=lambda s: None, clip=clip)
+    assert res.complete and res.labelled == 11 and res.skipped == 0
+    ds = load_dataset("folder", image_folder, "all", classes=",".join(CLASSES), labels="labels.csv")
+    ref = _independent_reference(clip, ds.paths, zeta=0.3, lam=0.5)
+    with LabelStore.open(out) as st:
+        assert st.clean and st.class_names == CLASSES and st.meta["grid"] == GRID
+        assert np.all(np.asarray(st.done) == 1)
+        for name, expected in ref.items():
+            np.testing.assert_allclose(st.array(name), expected, atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_array_equal(st.array("final"), st.array("cdul"))
+    # the saved YAML holds the resolved config
+    assert (tmp_path / "labels.cdul.yaml").read_text().count("grid: 3") == 1
+
+
+def test_aggregator_choice_changes_final(tmp_path, image_folder, clip):
+    out = tmp_path / "g.cdul"
+    run_label(_cfg(out, image_folder, aggregator="global", save=("cdul",)), log=lambda s: None, clip=clip)
+    with LabelStore.open(out) as st:
+        final, cdul = np.asarray(st.array("final")), np.asarray(st.array("cdul"))
+    assert not np.allclose(final, cdul)  # global-only differs from the min-max combination
+    np.testing.assert_allclose(final.sum(axis=1), 1.0, atol=1e-5)  # a softmax row
+
+
+_KILLER = """
+import os, signal, sys
+import cdul_fast.label as L
+count = {"n": 0}
+orig = L._write_runs
+def dying(store, rows, values):
+    orig(store, rows, values)
+    count["n"] += 1
+    if count["n"] == int(os.environ["KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+L._write_runs = dying
+from cdul_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli_args(out: Path, root: Path, *extra: str) -> list[str]:
+    return ["label", "--out", str(out), "--dataset", "folder", "--root", str(root), "--classes", ",".join(CLASSES),
+            "--clip", TINY, "--clip-weights", "random", "--batch-size", "2", "--decoder", "torchvision",
+            "--workers", "0", "--device", "cpu", "--backend", "torch", "--flush-every", "1", "--save", "global",
+            "--no-progress", *extra]
+
+
+def test_resume_after_sigkill_is_byte_identical(tmp_path, image_folder):
+    whole = tmp_path / "whole.cdul"
+    killed = tmp_path / "killed.cdul"
+    env = {**os.environ, "KILL_AFTER": "3"}
+    proc = subprocess.run([sys.executable, "-c", _KILLER, *_cli_args(killed, image_folder)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    with LabelStore.open(killed) as st:  # torn: not clean, partly done
+        assert not st.clean
+        done = int((np.asarray(st.done) == 1).sum())
+    assert 0 < done < 11
+    assert main(_cli_args(whole, image_folder)) == 0
+    assert main(_cli_args(killed, image_folder)) == 2  # exists: must ask for --resume
+    assert main(_cli_args(killed, image_folder, "--resume", "--grid", "2")) == 2  # other settings: refused
+    assert main(_cli_args(killed, image_folder, "--resume")) == 0
+    assert killed.read_bytes() == whole.read_bytes()
+
+
+def test_undecodable_image_is_skipped_and_logged(tmp_path, image_folder, clip):
+    root = tmp_path / "bad"
+    root.mkdir()
+    for p in sorted(image_folder.glob("im0[0-4].png")):
+        (root / p.name).write_bytes(p.read_bytes())
+    (root / "im02.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "labels.csv").write_text((image_folder / "labels.csv").read_text())
+    out = tmp_path / "bad.cdul"
+    res = run_label(_cfg(out, root), log=lambda s: None, clip=clip)
+    assert res.skipped == 1 and res.labelled == 4 and res.complete
+    with LabelStore.open(out) as st:
+        assert list(np.asarray(st.done)) == [1, 1, 2, 1, 1]
+        assert np.all(np.asarray(st.array("final"))[2] == 0)
+    tsv = (tmp_path / "bad.cdul.skipped.tsv").read_text().splitlines()
+    assert tsv[1].startswith("2\tim02.png\t") and "cannot decode" in tsv[1]
+    ds = load_dataset("folder", root, "all", classes=",".join(CLASSES), labels="labels.csv")
+    reports, notes = evaluate_store(out, ds)
+    assert any("left out" in n for n in notes)
+
+
+def test_eval_matches_sklearn(tmp_path, image_folder, clip, capsys):
+    from sklearn.metrics import average_precision_score
+
+    out = tmp_path / "e.cdul"
+    run_label(_cfg(out, image_folder, save=("global",)), log=lambda s: None, clip=clip)
+    ds = load_dataset("folder", image_folder, "all", classes=",".join(CLASSES), labels="labels.csv")
+    with LabelStore.open(out) as st:
+        scores = np.array(st.array("final"))
+    aps = []
+    for c in range(len(CLASSES)):
+        keep = ds.labels[:, c] >= 0
+        aps.append(average_precision_score(ds.labels[keep, c], scores[keep, c]))
+    argv = ["eval", "--labels", str(out), "--dataset", "folder", "--root", str(image_folder), "--classes",
+            ",".join(CLASSES), "--labels-csv", "labels.csv", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    final = report["arrays"]["final"]
+    assert final["mAP"] == pytest.approx(100 * np.mean(aps), abs=1e-3)
+    assert final["classes"]["circle"]["ap"] == pytest.approx(100 * aps[0], abs=1e-3)
+    assert set(report["arrays"]) == {"final", "global"}
+
+
+def test_cli_errors_are_one_line(tmp_path, image_folder, capsys):
+    assert main(["label", "--out", str(tmp_path / "x.cdul"), "--dataset", "voc2007"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--root" in err[0]
+    assert main(_cli_args(tmp_path / "y.cdul", image_folder, "--zeta", "1.5")) == 2
+    assert "--zeta" in capsys.readouterr().err
+    assert main(["eval", "--labels", str(tmp_path / "missing.cdul"), "--dataset", "folder", "--root",
+                 str(image_folder), "--classes", "a,b"]) == 2
+    assert "missing.cdul" in capsys.readouterr().err

@@ -1,0 +1,222 @@
+"""Training stage: losses, latent update on the run store, ablations, resume after SIGKILL, checkpoint safety."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdul_fast import reference as ref
+from cdul_fast.checkpoint import load_checkpoint, load_state_dict_file, save_atomic
+from cdul_fast.classifier import build_classifier
+from cdul_fast.errors import ConfigError, WeightsError
+from cdul_fast.losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
+from cdul_fast.store import LabelStore
+from cdul_fast.train import TrainConfig, Trainer, run_train
+
+CLASSES = ("red", "green", "blue", "white")
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
+
+
+def _make_world(root: Path, n: int, seed: int) -> np.ndarray:
+    """Images with 1-3 coloured squares on grey; ground truth = which colours appear."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    gt = np.zeros((n, len(CLASSES)), dtype=np.int8)
+    lines = ["path," + ",".join(CLASSES)]
+    for i in range(n):
+        arr = np.full((32, 32, 3), 110, dtype=np.uint8) + rng.integers(0, 20, (32, 32, 3), dtype=np.uint8)
+        for c in rng.choice(len(CLASSES), size=rng.integers(1, 4), replace=False):
+            y, x = rng.integers(0, 22, size=2)
+            arr[y:y + 10, x:x + 10] = COLOURS[CLASSES[c]]
+            gt[i, c] = 1
+        Image.fromarray(arr).save(root / f"im{i:03d}.png")
+        lines.append(f"im{i:03d}.png," + ",".join(str(int(v)) for v in gt[i]))
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return gt
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """train/test folders with ground truth, and a label store of noisy soft pseudo labels for train."""
+    base = tmp_path_factory.mktemp("world")
+    gt = _make_world(base / "train", 48, 0)
+    _make_world(base / "test", 24, 1)
+    rng = np.random.default_rng(2)
+    noisy = np.clip(0.55 * gt + rng.uniform(0.0, 0.45, gt.shape), 0, 1).astype(np.float32)
+    noisy[gt == 1] *= rng.uniform(0.4, 1.0, int(gt.sum())).astype(np.float32)  # some positives look weak
+    store = base / "pseudo.cdul"
+    st = LabelStore.create(store, class_names=CLASSES, rows=len(gt), arrays=["final"],
+                           meta={"dataset": "folder", "split": "train"})
+    st.write(0, {"final": noisy})
+    st.close()
+    return {"base": base, "store": store, "gt": gt, "noisy": noisy}
+
+
+def _cfg(world: dict, out: Path, **kw) -> TrainConfig:
+    opts = {"classes": ",".join(CLASSES), "labels": "labels.csv"}
+    base = dict(labels=str(world["store"]), out=str(out), dataset="folder", root=str(world["base"]), split="train",
+                test_split="test", dataset_options=opts, arch="shapesnet", image_size=32, epochs=3, warmup=1,
+                batch_size=16, lr=2e-3, workers=0, device="cpu", backend="torch", progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------------------ losses
+
+
+def test_kl_loss_is_zero_at_the_targets_and_matches_the_bernoulli_kl():
+    y = torch.rand(6, 5) * 0.98 + 0.01
+    assert float(kl_loss(torch.log(y / (1 - y)), y)) == pytest.approx(0.0, abs=1e-6)
+    logits = torch.randn(6, 5)
+    p = torch.sigmoid(logits)
+    kl = (y * torch.log(y / p) + (1 - y) * torch.log((1 - y) / (1 - p))).mean()
+    assert float(kl_loss(logits, y)) == pytest.approx(float(kl), rel=1e-5)
+
+
+def test_baseline_losses():
+    logits = torch.tensor([[4.0, -4.0], [-4.0, 4.0]])
+    hard = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert float(bce_loss(logits, hard)) < 0.02
+    assert float(smoothed_bce_loss(logits, hard, 0.2)) > float(bce_loss(logits, hard))  # smoothing penalizes certainty
+    # EPR: no loss from negatives, only the expected-count penalty
+    flat = torch.zeros(2, 2)
+    assert float(epr_loss(flat, torch.zeros(2, 2), expected_positives=1.0, weight=1.0)) == pytest.approx(0.0, abs=1e-7)
+    assert float(epr_loss(flat, torch.zeros(2, 2), expected_positives=2.0, weight=1.0)) == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------------------------------------- latent step
+
+
+def test_latent_update_on_the_run_store_matches_reference(world, tmp_path):
+    tr = Trainer(_cfg(world, tmp_path / "run"), log=lambda s: None)
+    latent0 = np.array(tr.store.array("latent"))
+    pred = np.random.default_rng(0).uniform(0.01, 0.99, latent0.shape).astype(np.float32)
+    tr.store.array("pred")[:] = pred
+    tr._update_latent()
+    cfg = tr.cfg
+    expected = ref.latent_update(torch.from_numpy(latent0), torch.from_numpy(pred), cfg.c1, cfg.sigma, cfg.psi_c2,
+                                 cfg.label_lr)
+    np.testing.assert_allclose(tr.store.array("latent"), expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(tr.store.array("labels"), torch.sigmoid(expected).numpy(), atol=1e-6)
+    tr.store.close()
+
+
+def test_training_updates_labels_only_after_warmup_and_ablation_keeps_them(world, tmp_path):
+    res = run_train(_cfg(world, tmp_path / "a", epochs=3, warmup=2), log=lambda s: None)
+    assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
+    assert all(h["test_map"] is not None for h in res.history[1:])
+    with LabelStore.open(tmp_path / "a" / "labels.cdul") as st:
+        init, labels = np.asarray(st.array("init")), np.asarray(st.array("labels"))
+        assert not np.allclose(init, labels, atol=1e-4)  # epoch 3 updated them
+    # history: pseudo-label mAP unchanged through the warm-up epochs, then moved
+    assert res.history[0]["pseudo_map"] == res.history[1]["pseudo_map"] == res.history[2]["pseudo_map"]
+    assert res.history[3]["pseudo_map"] != res.history[2]["pseudo_map"]
+    off = run_train(_cfg(world, tmp_path / "b", epochs=2, warmup=0, update_labels=False), log=lambda s: None)
+    assert off.history[-1]["pseudo_map"] == off.history[0]["pseudo_map"]
+    for name in ("checkpoint.pt", "model.safetensors", "model.json", "log.csv", "config.yaml", "curves.png"):
+        assert (tmp_path / "a" / name).is_file(), name
+
+
+@pytest.mark.parametrize("method", ["an", "ls", "epr"])
+def test_baselines_learn_something(world, tmp_path, method):
+    res = run_train(_cfg(world, tmp_path / method, method=method, epochs=2), log=lambda s: None)
+    assert res.history[-1]["train_loss"] < res.history[1]["train_loss"] * 1.5
+    assert res.history[-1]["test_map"] > 40.0  # 4 classes with ~50% prevalence: chance AP is ~50
+
+
+def test_learns_from_noisy_pseudo_labels(world, tmp_path):
+    res = run_train(_cfg(world, tmp_path / "learn", epochs=8, warmup=2), log=lambda s: None)
+    assert res.history[-1]["test_map"] > 80.0
+
+
+_KILLER = """
+import os, signal, sys
+import cdul_fast.train as T
+orig = T.Trainer._checkpoint
+def dying(self, epoch):
+    orig(self, epoch)
+    if epoch == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+T.Trainer._checkpoint = dying
+from cdul_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli(world: dict, out: Path, *extra: str) -> list[str]:
+    return ["train", "--labels", str(world["store"]), "--out", str(out), "--dataset", "folder", "--root",
+            str(world["base"]), "--split", "train", "--test-split", "test", "--classes", ",".join(CLASSES),
+            "--labels-csv", "labels.csv", "--arch", "shapesnet", "--image-size", "32", "--epochs", "4", "--warmup",
+            "1", "--batch-size", "16", "--lr", "0.002", "--workers", "0", "--device", "cpu", "--backend", "torch",
+            "--no-progress", *extra]
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(world, tmp_path):
+    from cdul_fast.cli import main
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(_cli(world, whole)) == 0
+    proc = subprocess.run([sys.executable, "-c", _KILLER, *_cli(world, killed)], env={**os.environ, "KILL_AT": "2"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr
+    assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 2
+    assert main(_cli(world, killed)) == 2  # not empty: refuses without --resume
+    assert main(_cli(world, killed, "--resume", "--lr", "0.001")) == 2  # different settings: refused
+    assert main(_cli(world, killed, "--resume")) == 0
+    a = load_state_dict_file(whole / "model.safetensors")
+    b = load_state_dict_file(killed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (whole / "log.csv").read_text().splitlines()[1:] != []
+    strip = [line.rsplit(",", 1)[0] for line in (whole / "log.csv").read_text().splitlines()]  # drop the timing
+    assert strip == [line.rsplit(",", 1)[0] for line in (killed / "log.csv").read_text().splitlines()]
+    with LabelStore.open(whole / "labels.cdul") as s1, LabelStore.open(killed / "labels.cdul") as s2:
+        np.testing.assert_array_equal(s1.array("latent"), s2.array("latent"))
+
+
+# -------------------------------------------------------------------------------------------------- weights/config
+
+
+def test_crafted_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(WeightsError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+
+
+def test_atomic_save_leaves_no_temp_and_round_trips(tmp_path):
+    save_atomic({"a": torch.arange(3), "epoch": 2}, tmp_path / "c.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    assert load_checkpoint(tmp_path / "c.pt")["epoch"] == 2
+
+
+def test_pretrained_from_local_file(tmp_path):
+    from safetensors.torch import save_file
+
+    src = build_classifier("resnet18", 1000)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "r18.safetensors"))
+    model = build_classifier("resnet18", 7, str(tmp_path / "r18.safetensors"))
+    assert torch.equal(model.conv1.weight, src.conv1.weight) and model.fc.out_features == 7
+    with pytest.raises(WeightsError, match="does not fit"):
+        build_classifier("resnet50", 7, str(tmp_path / "r18.safetensors"))
+    with pytest.raises(ConfigError, match="unknown --arch"):
+        build_classifier("resnet1001", 7)
+
+
+def test_bad_configs_are_rejected(world, tmp_path):
+    with pytest.raises(ConfigError, match="--method"):
+        _cfg(world, tmp_path / "x", method="role").validate()
+    with pytest.raises(ConfigError, match="not empty"):
+        (tmp_path / "full").mkdir()
+        (tmp_path / "full" / "x").write_text("1")
+        Trainer(_cfg(world, tmp_path / "full"), log=lambda s: None)
