@@ -1,0 +1,152 @@
+"""End-to-end `label` throughput against (a) a naive reference and (b) the bare encoder, in one run.
+
+(a) The naive reference is written the way research code usually is: PIL crops of every snippet, open_clip's own
+    preprocessing per view, one encoder forward per view, Python loops for softmax and min-max. Its outputs are
+    checked against the store (same numbers to 1e-4), so the speedup compares equal work.
+(b) The bare encoder runs on pre-decoded, pre-normalized view tensors at the same batch size: the upper bound the
+    pipeline (decode, tiling, aggregation, store writes) should approach.
+
+    python bench/bench_label.py --images 96 --clip shapes-clip
+    python bench/bench_label.py --images 512 --clip ViT-B-32 --clip-weights openai --device cuda   # GPU machine
+
+Rows go to bench/results/label.csv with device, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, write_rows  # noqa: E402
+
+from cdul_fast.clip_loader import load_clip  # noqa: E402
+from cdul_fast.label import LabelConfig, run_label  # noqa: E402
+from cdul_fast.store import LabelStore  # noqa: E402
+from cdul_fast.views import ViewSpec, load_rgb, normalize_views, pil_views  # noqa: E402
+
+CLASSES = [f"class{i}" for i in range(20)]
+
+
+def make_images(root: Path, n: int, side: int, seed: int = 0) -> list[Path]:
+    """JPEGs of random rectangles (the content does not matter for throughput, only size and format)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 255, (side, side * 4 // 3, 3), dtype=np.uint8)
+        p = root / f"img{i:05d}.jpg"
+        Image.fromarray(arr).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def naive_label(clip, paths: list[Path], grid: int, zeta: float, lam: float) -> np.ndarray:
+    """Per image: crop each snippet with PIL, preprocess with open_clip's transform, one forward per view."""
+    import open_clip
+
+    cfg = clip.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    tf = open_clip.image_transform(size, is_train=False, mean=cfg["mean"], std=cfg["std"])
+    text = clip.encode_text(CLASSES).cpu()
+    scale = clip.logit_scale
+    out = np.zeros((len(paths), len(CLASSES)), dtype=np.float32)
+    for r, path in enumerate(paths):
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        crops = [img] + [img.crop((j * w / grid, i * h / grid, (j + 1) * w / grid, (i + 1) * h / grid))
+                         for i in range(grid) for j in range(grid)]
+        probs = []
+        for crop in crops:
+            with torch.no_grad():
+                f = clip.model.encode_image(tf(crop).unsqueeze(0).to(clip.device)).float().cpu()[0]
+            f = f / f.norm()
+            logits = [scale * float(f @ text[c]) for c in range(len(CLASSES))]
+            m = max(logits)
+            e = [np.exp(v - m) for v in logits]
+            probs.append([v / sum(e) for v in e])
+        for c in range(len(CLASSES)):
+            g = probs[0][c]
+            local = [p[c] for p in probs[1:]]
+            a = max(local) if max(local) >= zeta else min(local)
+            out[r, c] = 0.5 * (g + a + lam * abs(g - a))
+    return out
+
+
+def bare_encoder(clip, paths: list[Path], grid: int, batch: int) -> float:
+    """Seconds to encode pre-decoded, normalized views of all images at ``batch`` images per forward."""
+    spec = ViewSpec.from_preprocess_cfg(clip.preprocess_cfg, grid)
+    views = torch.from_numpy(np.stack([pil_views(load_rgb(p), spec) for p in paths]))
+    x = normalize_views(views, spec.mean, spec.std).to(clip.device)
+    per = spec.num_views
+    if clip.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode(), torch.autocast(clip.device.type, dtype=torch.bfloat16,
+                                                enabled=clip.device.type == "cuda"):
+        for i in range(0, len(paths), batch):
+            clip.encode_image(x[i * per:(i + batch) * per])
+    if clip.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--naive-images", type=int, default=24, help="images for the (slow) naive reference")
+    ap.add_argument("--side", type=int, default=288, help="image height in pixels (width is 4/3 of it)")
+    ap.add_argument("--clip", default="shapes-clip")
+    ap.add_argument("--clip-weights", default=None)
+    ap.add_argument("--grid", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--decoder", default="auto")
+    ap.add_argument("--csv", default=str(Path(__file__).parent / "results" / "label.csv"))
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    clip = load_clip(args.clip, args.clip_weights, device=device, precision="fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_images(Path(tmp) / "imgs", args.images, args.side)
+        store = Path(tmp) / "l.cdul"
+        cfg = LabelConfig(out=str(store), dataset="folder", root=str(Path(tmp) / "imgs"),
+                          dataset_options={"classes": ",".join(CLASSES)}, clip=args.clip,
+                          clip_weights=args.clip_weights, grid=args.grid, zeta=0.3, lam=1.0,
+                          batch_size=args.batch_size, decoder=args.decoder, device=str(device), progress=False)
+        run_label(cfg, log=lambda s: None, clip=clip)  # warm-up (first-call costs, page cache)
+        cfg.overwrite = True
+        t0 = time.perf_counter()
+        res = run_label(cfg, log=lambda s: None, clip=clip)
+        t_pipe = time.perf_counter() - t0
+        t_bare = bare_encoder(clip, paths, args.grid, args.batch_size)
+        k = min(args.naive_images, len(paths))
+        t0 = time.perf_counter()
+        naive = naive_label(clip, paths[:k], args.grid, 0.3, 1.0)
+        t_naive = (time.perf_counter() - t0) * len(paths) / k
+        with LabelStore.open(store) as st:
+            diff = float(np.abs(np.asarray(st.array("final"))[:k] - naive).max())
+    n = len(paths)
+    rows = [{**environment(), "clip": args.clip, "images": n, "grid": args.grid, "batch": args.batch_size,
+             "decoder": cfg.decoder, "pipeline_img_s": round(n / t_pipe, 2),
+             "bare_encoder_img_s": round(n / t_bare, 2), "naive_img_s": round(n / t_naive, 2),
+             "pipeline_vs_bare": round(t_bare / t_pipe, 3), "pipeline_vs_naive": round(t_naive / t_pipe, 2),
+             "max_abs_diff_vs_naive": f"{diff:.2e}"}]
+    write_rows(Path(args.csv), rows)
+    r = rows[0]
+    print(f"device: {r['device']}  clip: {args.clip}  images: {n}  views/image: {1 + args.grid ** 2}")
+    print(f"pipeline      {r['pipeline_img_s']:8.2f} img/s")
+    print(f"bare encoder  {r['bare_encoder_img_s']:8.2f} img/s   pipeline / bare encoder = {r['pipeline_vs_bare']:.2f}")
+    print(f"naive         {r['naive_img_s']:8.2f} img/s   pipeline / naive = {r['pipeline_vs_naive']:.1f}x")
+    print(f"max |pipeline - naive| = {diff:.2e} (same outputs)")
+
+
+if __name__ == "__main__":
+    main()

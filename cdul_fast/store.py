@@ -1,0 +1,499 @@
+"""The label store: one memory-mapped file holding soft pseudo-label matrices, a per-row done map and checksums.
+
+The byte layout is defined here once (``_Header``) and documented in docs/store_format.md. Two backends map it:
+the pybind11 extension ``cdul_fast._store`` (flock + mmap + CRC-32 without the GIL) and a pure-Python fallback
+(``mmap`` + ``fcntl.flock`` + ``zlib.crc32``) that reads and writes the identical format. Arrays are zero-copy
+numpy views of the mapping.
+
+Crash safety: opening for writing marks the header WRITING before anything else is touched; ``close`` recomputes
+the checksums and marks it CLEAN. A file left WRITING by a crash opens fine (``clean`` is False) and is resumed by
+its done map; a CLEAN file whose bytes changed fails its checksums on open.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._backend import store_ext
+from .errors import StoreError
+
+MAGIC = b"CDULSTOR"
+VERSION = 1
+PAGE = 4096
+STATE_WRITING, STATE_CLEAN = 1, 2
+DTYPE_FLOAT32 = 1
+MAX_ARRAYS = 32
+NAME_BYTES = 32
+PENDING, DONE, SKIPPED = 0, 1, 2
+
+# magic, version, header_crc, state, n_arrays, rows, classes, reserved, meta_offset, meta_capacity, meta_nbytes,
+# done_offset, done_nbytes, done_crc, reserved, file_bytes
+_FIXED = struct.Struct("<8sIIIIQIIQQQQQIIQ")
+_ENTRY = struct.Struct("<32sIIQQ")  # name, dtype, crc, offset, nbytes
+_TABLE_OFFSET = 128
+_CRC_FIELD = slice(12, 16)
+assert _FIXED.size <= _TABLE_OFFSET and _TABLE_OFFSET + MAX_ARRAYS * _ENTRY.size <= PAGE
+
+
+def _round_up(n: int, to: int = PAGE) -> int:
+    return (n + to - 1) // to * to
+
+
+def _meta_bytes(class_names: Sequence[str], meta: Mapping) -> bytes:
+    return json.dumps({"class_names": list(class_names), "meta": dict(meta)}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass
+class _Array:
+    name: str
+    offset: int
+    nbytes: int
+    crc: int = 0
+    dtype: int = DTYPE_FLOAT32
+
+
+@dataclass
+class _Header:
+    """The first page of a store; ``pack``/``unpack`` are the single definition of its bytes."""
+
+    state: int
+    rows: int
+    classes: int
+    meta_offset: int
+    meta_capacity: int
+    meta_nbytes: int
+    done_offset: int
+    done_nbytes: int
+    done_crc: int
+    file_bytes: int
+    arrays: list[_Array] = field(default_factory=list)
+
+    def pack(self) -> bytearray:
+        page = bytearray(PAGE)
+        _FIXED.pack_into(page, 0, MAGIC, VERSION, 0, self.state, len(self.arrays), self.rows, self.classes, 0,
+                         self.meta_offset, self.meta_capacity, self.meta_nbytes, self.done_offset, self.done_nbytes,
+                         self.done_crc, 0, self.file_bytes)
+        for i, a in enumerate(self.arrays):
+            _ENTRY.pack_into(page, _TABLE_OFFSET + i * _ENTRY.size, a.name.encode("utf-8"), a.dtype, a.crc, a.offset,
+                             a.nbytes)
+        return page
+
+    @classmethod
+    def unpack(cls, page: bytes, path: Path) -> tuple[_Header, int]:
+        (magic, version, crc, state, n_arrays, rows, classes, _, meta_offset, meta_capacity, meta_nbytes, done_offset,
+         done_nbytes, done_crc, _, file_bytes) = _FIXED.unpack_from(page, 0)
+        if magic != MAGIC:
+            raise StoreError(f"{path} is not a cdul-fast label store (bad magic)")
+        if version != VERSION:
+            raise StoreError(f"{path} has store format version {version}; this cdul-fast reads version {VERSION} "
+                             "(upgrade cdul-fast or relabel)")
+        if n_arrays > MAX_ARRAYS or state not in (STATE_WRITING, STATE_CLEAN):
+            raise StoreError(f"{path} header is corrupted (arrays {n_arrays}, state {state})")
+        arrays = []
+        for i in range(n_arrays):
+            name, dtype, acrc, off, nbytes = _ENTRY.unpack_from(page, _TABLE_OFFSET + i * _ENTRY.size)
+            arrays.append(_Array(name.rstrip(b"\0").decode("utf-8", "replace"), off, nbytes, acrc, dtype))
+        return cls(state, rows, classes, meta_offset, meta_capacity, meta_nbytes, done_offset, done_nbytes, done_crc,
+                   file_bytes, arrays), crc
+
+
+def _layout(rows: int, classes: int, names: Sequence[str], meta_len: int) -> _Header:
+    meta_capacity = _round_up(max(64 * 1024, 4 * meta_len))
+    done_offset = PAGE + meta_capacity
+    done_nbytes = rows
+    pos = done_offset + _round_up(max(done_nbytes, 1))
+    arrays = []
+    nbytes = rows * classes * 4
+    for name in names:
+        arrays.append(_Array(name, pos, nbytes))
+        pos += _round_up(max(nbytes, 1))
+    return _Header(STATE_WRITING, rows, classes, PAGE, meta_capacity, meta_len, done_offset, done_nbytes, 0, pos,
+                   arrays)
+
+
+def _check_names(names: Sequence[str]) -> None:
+    if not names:
+        raise StoreError("a label store needs at least one array")
+    if len(names) > MAX_ARRAYS:
+        raise StoreError(f"a label store holds at most {MAX_ARRAYS} arrays, got {len(names)}")
+    if len(set(names)) != len(names):
+        raise StoreError(f"array names must be unique: {list(names)}")
+    for n in names:
+        if not n or len(n.encode("utf-8")) >= NAME_BYTES:
+            raise StoreError(f"array name {n!r} must be 1..{NAME_BYTES - 1} bytes")
+
+
+# -------------------------------------------------------------------------------------------------------- backends
+
+
+class _PyMapping:
+    """Fallback backend: mmap + fcntl.flock + zlib.crc32."""
+
+    name = "numpy"
+
+    def __init__(self, path: Path, writable: bool) -> None:
+        import fcntl
+
+        self._fh = open(path, "r+b" if writable else "rb")  # noqa: SIM115 - lives as long as the mapping
+        try:
+            fcntl.flock(self._fh.fileno(), (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise StoreError(f"{path} is locked by another process (a label or train run is using it); wait for it "
+                             "to finish or stop it") from None
+        self.size = os.fstat(self._fh.fileno()).st_size
+        self.writable = writable
+        self._mm = None
+        if self.size:
+            self._mm = mmap.mmap(self._fh.fileno(), self.size,
+                                 access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+
+    def buffer(self):
+        return self._mm if self._mm is not None else b""
+
+    def crc32(self, offset: int, length: int) -> int:
+        return zlib.crc32(memoryview(self._mm)[offset:offset + length]) if length else 0
+
+    def flush(self, offset: int, length: int) -> None:
+        if self._mm is not None and self.writable and length:
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            self._mm.flush(start, min(self.size - start, length + offset - start))
+
+    def fsync(self) -> None:
+        if self.writable:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        import fcntl
+
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        try:
+            if self._mm is not None:
+                self._mm.close()
+            self._fh.close()
+        except BufferError:  # numpy views are still alive: they keep the mapping until they go
+            pass
+
+
+class _ExtMapping:
+    """Extension backend: the C++ MappedFile (flock + mmap) and CRC-32 without the GIL."""
+
+    name = "ext"
+
+    def __init__(self, path: Path, writable: bool, ext) -> None:
+        try:
+            self._mf = ext.MappedFile(str(path), writable, True)
+        except RuntimeError as exc:
+            if str(exc) == "LOCKED":
+                raise StoreError(f"{path} is locked by another process (a label or train run is using it); wait for "
+                                 "it to finish or stop it") from None
+            raise StoreError(str(exc)) from exc
+        self.size, self.writable = self._mf.size, writable
+
+    def buffer(self):
+        return memoryview(self._mf) if self.size else b""
+
+    def crc32(self, offset: int, length: int) -> int:
+        return self._mf.crc32(offset, length) if length else 0
+
+    def flush(self, offset: int, length: int) -> None:
+        self._mf.flush(offset, length)
+
+    def fsync(self) -> None:
+        self._mf.fsync()
+
+    def close(self) -> None:
+        self._mf.unlock()  # the mapping itself goes when the last numpy view does
+        self._mf = None
+
+
+def _pick_backend(backend: str):
+    if backend not in ("auto", "ext", "numpy"):
+        raise StoreError(f"store backend must be auto, ext or numpy, got {backend!r}")
+    ext = store_ext() if backend in ("auto", "ext") else None
+    if backend == "ext" and ext is None:
+        raise StoreError("store backend 'ext' asked for but cdul_fast._store is not built (pip install -e .)")
+    return ext
+
+
+# ------------------------------------------------------------------------------------------------------------ store
+
+
+class LabelStore:
+    """A label store file opened for reading (``r``) or writing (``r+``); see the module docstring."""
+
+    def __init__(self, path: Path, mode: str, mapping, header: _Header, class_names: tuple[str, ...],
+                 meta: dict) -> None:
+        self.path, self.mode, self._map, self._h = path, mode, mapping, header
+        self.class_names, self.meta = class_names, meta
+        self.backend = mapping.name
+        self.clean = header.state == STATE_CLEAN
+        buf = mapping.buffer()
+        self.done = np.frombuffer(buf, dtype=np.uint8, count=header.rows, offset=header.done_offset)
+        self._arrays = {a.name: np.frombuffer(buf, dtype=np.float32, count=header.rows * header.classes,
+                                              offset=a.offset).reshape(header.rows, header.classes)
+                        for a in header.arrays}
+        self._closed = False
+
+    # -- constructors
+    @classmethod
+    def create(cls, path: str | Path, class_names: Sequence[str], rows: int, arrays: Sequence[str],
+               meta: Mapping | None = None, overwrite: bool = False, backend: str = "auto") -> LabelStore:
+        """A new zero-filled store, written under a temporary name and renamed, then opened for writing."""
+        path = Path(path)
+        names = list(arrays)
+        _check_names(names)
+        class_names = tuple(str(c) for c in class_names)
+        if not class_names or len(set(class_names)) != len(class_names):
+            raise StoreError("a label store needs a non-empty list of unique class names")
+        if int(rows) < 0:
+            raise StoreError(f"rows must be >= 0, got {rows}")
+        if path.exists() and not overwrite:
+            raise StoreError(f"{path} already exists (pass overwrite to replace it)")
+        _pick_backend(backend)
+        blob = _meta_bytes(class_names, meta or {})
+        h = _layout(int(rows), len(class_names), names, len(blob))
+        h.state = STATE_CLEAN
+        tmp = path.with_name(f".{path.name}.create{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.truncate(h.file_bytes)
+                zero_done, zero_arr = zlib.crc32(bytes(h.done_nbytes)), 0
+                if h.arrays:
+                    zero_arr = _zero_crc(h.arrays[0].nbytes)
+                h.done_crc = zero_done
+                for a in h.arrays:
+                    a.crc = zero_arr
+                fh.seek(h.meta_offset)
+                fh.write(blob)
+                fh.seek(0)
+                fh.write(_sealed(h, blob))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot create {path}: {exc}") from exc
+        return cls.open(path, mode="r+", backend=backend, verify=False)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r", expect_classes: Sequence[str] | None = None,
+             backend: str = "auto", verify: bool = True) -> LabelStore:
+        """Open and validate (magic, version, size, header checksum; array checksums of a clean store)."""
+        path = Path(path)
+        if mode not in ("r", "r+"):
+            raise StoreError(f"store mode must be 'r' or 'r+', got {mode!r}")
+        if not path.is_file():
+            raise StoreError(f"label store {path} not found")
+        ext = _pick_backend(backend)
+        mapping = _ExtMapping(path, mode == "r+", ext) if ext is not None else _PyMapping(path, mode == "r+")
+        try:
+            store = cls._validate(path, mode, mapping, verify)
+        except BaseException:
+            mapping.close()
+            raise
+        if expect_classes is not None and tuple(expect_classes) != store.class_names:
+            exp, got = tuple(expect_classes), store.class_names
+            store.close()
+            raise StoreError(f"{path} has {len(got)} classes that differ from the expected {len(exp)}: "
+                             f"{_class_diff(got, exp)}")
+        if mode == "r+":
+            store._set_state(STATE_WRITING)
+        return store
+
+    @classmethod
+    def _validate(cls, path: Path, mode: str, mapping, verify: bool) -> LabelStore:
+        buf = mapping.buffer()
+        if mapping.size < PAGE:
+            if mapping.size >= 8 and bytes(buf[:8]) != MAGIC:
+                raise StoreError(f"{path} is not a cdul-fast label store (bad magic)")
+            raise StoreError(f"{path} is truncated ({mapping.size} bytes, smaller than the header)")
+        page = bytes(buf[:PAGE])
+        h, crc = _Header.unpack(page, path)
+        if mapping.size != h.file_bytes:
+            kind = "truncated" if mapping.size < h.file_bytes else "longer than its header says"
+            raise StoreError(f"{path} is {kind} ({mapping.size} bytes, expected {h.file_bytes}); the file is damaged")
+        if not (h.meta_offset + h.meta_nbytes <= h.done_offset and h.meta_nbytes <= h.meta_capacity):
+            raise StoreError(f"{path} header is corrupted (meta region)")
+        blob = bytes(buf[h.meta_offset:h.meta_offset + h.meta_nbytes])
+        zeroed = bytearray(page)
+        zeroed[_CRC_FIELD] = b"\0\0\0\0"
+        if zlib.crc32(blob, zlib.crc32(zeroed)) != crc:
+            raise StoreError(f"{path} header is corrupted (checksum mismatch); the file cannot be trusted")
+        _check_layout(h, path)
+        try:
+            doc = json.loads(blob.decode("utf-8"))
+            class_names, meta = tuple(doc["class_names"]), dict(doc["meta"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{path} metadata is unreadable: {exc}") from exc
+        if len(class_names) != h.classes:
+            raise StoreError(f"{path} header says {h.classes} classes but lists {len(class_names)} names")
+        if verify and h.state == STATE_CLEAN:
+            if mapping.crc32(h.done_offset, h.done_nbytes) != h.done_crc:
+                raise StoreError(f"{path} is corrupted: done map checksum mismatch")
+            for a in h.arrays:
+                if mapping.crc32(a.offset, a.nbytes) != a.crc:
+                    raise StoreError(f"{path} is corrupted: array '{a.name}' checksum mismatch")
+        return cls(path, mode, mapping, h, class_names, meta)
+
+    # -- properties
+    @property
+    def rows(self) -> int:
+        return self._h.rows
+
+    @property
+    def classes(self) -> int:
+        return self._h.classes
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self._h.arrays)
+
+    @property
+    def is_complete(self) -> bool:
+        return not bool((self.done == PENDING).any())
+
+    def array(self, name: str) -> np.ndarray:
+        """float32 [rows, classes] zero-copy view (writable when opened r+)."""
+        try:
+            return self._arrays[name]
+        except KeyError:
+            raise StoreError(f"{self.path} has no array {name!r} (it has {', '.join(self.array_names)})") from None
+
+    def pending_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.done == PENDING).astype(np.int64)
+
+    # -- writing
+    def _need_write(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path} is closed")
+        if self.mode != "r+":
+            raise StoreError(f"{self.path} is open read-only; open it with mode 'r+' to write")
+
+    def write(self, start: int, values: Mapping[str, np.ndarray]) -> None:
+        """Rows [start, start + n) of the named arrays, then done = 1 for them (data first, then the done mark)."""
+        self._need_write()
+        if not values:
+            raise StoreError("write needs at least one array")
+        n = None
+        for name, v in values.items():
+            arr = np.asarray(v)
+            if arr.ndim != 2 or arr.shape[1] != self.classes:
+                raise StoreError(f"write: array {name!r} must be [n, {self.classes}], got {arr.shape}")
+            if n is not None and arr.shape[0] != n:
+                raise StoreError("write: all arrays must have the same number of rows")
+            n = arr.shape[0]
+        if start < 0 or start + n > self.rows:
+            raise StoreError(f"write: rows [{start}, {start + n}) outside [0, {self.rows})")
+        for name, v in values.items():
+            self.array(name)[start:start + n] = np.asarray(v, dtype=np.float32)
+        self.done[start:start + n] = DONE
+
+    def update_meta(self, meta: Mapping) -> None:
+        """Replace the metadata dict (must fit the region reserved at creation)."""
+        self._need_write()
+        blob = _meta_bytes(self.class_names, meta)
+        if len(blob) > self._h.meta_capacity:
+            raise StoreError(f"metadata of {len(blob)} bytes does not fit the {self._h.meta_capacity} reserved in "
+                             f"{self.path}")
+        buf = self._map.buffer()
+        h = self._h
+        buf[h.meta_offset:h.meta_offset + h.meta_capacity] = bytes(h.meta_capacity)
+        buf[h.meta_offset:h.meta_offset + len(blob)] = blob
+        h.meta_nbytes = len(blob)
+        self.meta = dict(meta)
+        self._write_header()
+
+    def flush(self) -> None:
+        if self.mode == "r+" and not self._closed:
+            self._map.flush(0, self._h.file_bytes)
+
+    def close(self) -> None:
+        """Writers: fresh checksums, state CLEAN, msync + fsync. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self.mode == "r+":
+                h = self._h
+                h.done_crc = self._map.crc32(h.done_offset, h.done_nbytes)
+                for a in h.arrays:
+                    a.crc = self._map.crc32(a.offset, a.nbytes)
+                self._map.flush(PAGE, h.file_bytes - PAGE)
+                self._set_state(STATE_CLEAN)
+                self._map.fsync()
+        finally:
+            self._closed = True
+            self._map.close()
+
+    def _set_state(self, state: int) -> None:
+        self._h.state = state
+        self.clean = state == STATE_CLEAN
+        self._write_header()
+
+    def _write_header(self) -> None:
+        h = self._h
+        buf = self._map.buffer()
+        blob = bytes(buf[h.meta_offset:h.meta_offset + h.meta_nbytes])
+        buf[:PAGE] = _sealed(h, blob)
+        self._map.flush(0, h.meta_offset + h.meta_capacity)
+
+    def __enter__(self) -> LabelStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "clean" if self.clean else "writing"
+        return (f"LabelStore({str(self.path)!r}, rows={self.rows}, classes={self.classes}, "
+                f"arrays={list(self.array_names)}, {state}, backend={self.backend})")
+
+
+def _sealed(h: _Header, meta_blob: bytes) -> bytes:
+    """The header page with its checksum (over the page with the field zeroed, then the metadata JSON)."""
+    page = h.pack()
+    struct.pack_into("<I", page, _CRC_FIELD.start, zlib.crc32(meta_blob, zlib.crc32(page)))
+    return bytes(page)
+
+
+def _zero_crc(nbytes: int) -> int:
+    crc, chunk = 0, bytes(min(nbytes, 1 << 22))
+    left = nbytes
+    while left:
+        k = min(left, len(chunk))
+        crc = zlib.crc32(chunk[:k], crc)
+        left -= k
+    return crc
+
+
+def _check_layout(h: _Header, path: Path) -> None:
+    """Every region inside the file, page aligned, sized for rows x classes."""
+    ok = h.done_offset % PAGE == 0 and h.done_nbytes == h.rows and h.done_offset + h.done_nbytes <= h.file_bytes
+    for a in h.arrays:
+        ok = ok and a.dtype == DTYPE_FLOAT32 and a.offset % PAGE == 0 and a.nbytes == h.rows * h.classes * 4
+        ok = ok and a.offset >= h.done_offset + h.done_nbytes and a.offset + a.nbytes <= h.file_bytes
+    if not ok or h.classes < 1:
+        raise StoreError(f"{path} header is corrupted (array layout)")
+
+
+def _class_diff(got: tuple[str, ...], exp: tuple[str, ...]) -> str:
+    missing = [c for c in exp if c not in got]
+    extra = [c for c in got if c not in exp]
+    if not missing and not extra:
+        return "same names in a different order"
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        parts.append(f"extra {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    return "; ".join(parts)

@@ -1,0 +1,41 @@
+// The systems half of the label store: a locked, memory-mapped file exposed to Python through the buffer protocol,
+// plus CRC-32 (IEEE, equal to zlib.crc32) that runs without the GIL. The format itself (header layout, validation)
+// lives in cdul_fast/store.py so both backends share one definition; see docs/store_format.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace cdul {
+
+// CRC-32/IEEE (reflected, poly 0xEDB88320), slicing-by-8; crc32(data, n, 0) == zlib.crc32(data).
+uint32_t crc32(const uint8_t* data, size_t n, uint32_t crc = 0);
+
+// A file mapped shared into memory with an advisory flock held for the mapping's lifetime (or until unlock()).
+class MappedFile {
+ public:
+  MappedFile(const std::string& path, bool writable, bool lock);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  bool writable() const { return writable_; }
+  const std::string& path() const { return path_; }
+
+  void flush(size_t offset, size_t length);  // msync(MS_SYNC) of the pages covering [offset, offset + length)
+  void fsync();                              // fsync of the file descriptor
+  void unlock();                             // release the lock (views stay valid until the object dies)
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+  bool writable_ = false;
+  bool locked_ = false;
+};
+
+}  // namespace cdul
