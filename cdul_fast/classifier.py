@@ -97,7 +97,10 @@ def build_classifier(arch: str, num_classes: int, pretrained: str | None = None)
     if pretrained:
         path = Path(pretrained)
         state = load_state_dict_file(path) if path.suffix or path.exists() else _tag_state_dict(arch, pretrained)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise WeightsError(f"{pretrained} does not fit {arch}: {str(exc).splitlines()[1].strip()[:200]}") from exc
         if len(missing) > 4 or len(unexpected) > 4:  # a head mismatch is fine, a different architecture is not
             raise WeightsError(f"{pretrained} does not fit {arch}: {len(missing)} missing and {len(unexpected)} "
                                f"unexpected keys (e.g. {(missing or unexpected)[:3]})")

@@ -65,7 +65,7 @@ class TrainConfig:
     hard_threshold: float = 0.5
     update_labels: bool = True
     psi: bool = True
-    c1: float = 1.0
+    c1: float = 0.5
     sigma: float = 0.2
     c2: float | None = None
     label_lr: float = 1.0
@@ -242,9 +242,8 @@ class Trainer:
         torch.set_rng_state(ck["rng_cpu"])
         if self.device.type == "cuda" and "rng_cuda" in ck:
             torch.cuda.set_rng_state(ck["rng_cuda"], self.device)
-        latent = ck["latent"].numpy()
-        self.store.array("latent")[:] = latent
-        self.store.array("labels")[:] = 1.0 / (1.0 + np.exp(-latent))
+        self.store.array("latent")[:] = ck["latent"].numpy()
+        self.store.array("labels")[:] = ck["labels"].numpy()  # exact bits: recomputing sigmoid could differ by an ulp
         self.store.flush()
         self.history = json.loads(ck["history"])
         self.start_epoch = int(ck["epoch"]) + 1
@@ -274,6 +273,7 @@ class Trainer:
 
         cfg = self.cfg
         self.model.train()
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc. depend on (seed, epoch) only, as data order does
         order, gen = _epoch_order(cfg.seed, epoch, self.rows)
         pred = self.store.array("pred")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -293,7 +293,7 @@ class Trainer:
             loss.backward()
             self.opt.step()
             pred[rows] = torch.sigmoid(logits.detach().float()).cpu().numpy()
-            total += float(loss) * len(rows)
+            total += float(loss.detach()) * len(rows)
             n += len(rows)
             bar.update(len(rows))
         bar.close()
@@ -346,6 +346,7 @@ class Trainer:
             "scheduler": self.sched.state_dict() if self.sched is not None else {},
             "rng_cpu": torch.get_rng_state(),
             "latent": torch.from_numpy(np.array(self.store.array("latent"))),
+            "labels": torch.from_numpy(np.array(self.store.array("labels"))),
             "history": json.dumps(self.history),
         }
         if self.device.type == "cuda":

@@ -71,10 +71,10 @@ def _independent_reference(clip, paths, zeta: float, lam: float) -> dict[str, np
     """Eq. 1-6 and the lambda combine written out here, with open_clip's own transform for the whole image."""
     import open_clip
 
-    cfg = clip.preprocess_cfg
-    tf = open_clip.image_transform(SIZE, is_train=False, mean=cfg["mean"], std=cfg["std"])
-    mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
-    std = torch.tensor(cfg["std"]).view(3, 1, 1)
+    tf = open_clip.image_transform(SIZE, is_train=False)  # open_clip's defaults: OpenAI mean/std, bicubic
+    norm = tf.transforms[-1]
+    mean = torch.tensor(norm.mean).view(3, 1, 1)
+    std = torch.tensor(norm.std).view(3, 1, 1)
     text = clip.model.encode_text(clip.tokenizer([f"a photo of the {c}" for c in CLASSES]))
     text = text / text.norm(dim=-1, keepdim=True)
     scale = clip.model.logit_scale.exp()
@@ -177,7 +177,7 @@ def test_undecodable_image_is_skipped_and_logged(tmp_path, image_folder, clip):
     for p in sorted(image_folder.glob("im0[0-4].png")):
         (root / p.name).write_bytes(p.read_bytes())
     (root / "im02.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    (root / "labels.csv").write_text((image_folder / "labels.csv").read_text())
+    (root / "labels.csv").write_text("\n".join((image_folder / "labels.csv").read_text().splitlines()[:6]) + "\n")
     out = tmp_path / "bad.cdul"
     res = run_label(_cfg(out, root), log=lambda s: None, clip=clip)
     assert res.skipped == 1 and res.labelled == 4 and res.complete
