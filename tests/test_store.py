@@ -1,0 +1,269 @@
+"""Label store: format, zero-copy views, both backends byte-identical, crash safety, corruption and lock errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cdul_fast._backend import store_ext
+from cdul_fast.errors import StoreError
+from cdul_fast.store import PAGE, LabelStore
+
+BACKENDS = [pytest.param("numpy"), pytest.param("ext", marks=pytest.mark.skipif(store_ext() is None,
+                                                                                   reason="extension not built"))]
+CLASSES = ("cat", "dog", "bird", "car", "tree")
+
+
+def _data(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"final": rng.random((rows, len(CLASSES)), dtype=np.float32),
+            "global": rng.random((rows, len(CLASSES)), dtype=np.float32)}
+
+
+def _make(path: Path, backend: str, rows: int = 37, order=None, meta=None) -> None:
+    data = _data(rows)
+    st = LabelStore.create(path, CLASSES, rows, ["final", "global"], meta=meta or {"k": 1}, backend=backend)
+    for start in order if order is not None else range(0, rows, 8):
+        end = min(rows, start + 8)
+        st.write(start, {k: v[start:end] for k, v in data.items()})
+    st.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_trip_and_zero_copy(tmp_path, backend):
+    path = tmp_path / "s.cdul"
+    _make(path, backend, meta={"dataset": "voc2007", "grid": 3})
+    with LabelStore.open(path, backend=backend, expect_classes=CLASSES) as st:
+        assert st.backend == backend and st.clean and st.is_complete
+        assert st.class_names == CLASSES and st.meta == {"dataset": "voc2007", "grid": 3}
+        assert st.array_names == ("final", "global") and st.rows == 37 and st.classes == 5
+        np.testing.assert_array_equal(st.array("final"), _data(37)["final"])
+        assert not st.array("final").flags.writeable  # read-only mapping
+    with LabelStore.open(path, mode="r+", backend=backend) as st:
+        view = st.array("global")
+        view[3, 2] = 42.0  # writes through the mapping, no copy
+        assert st.array("global")[3, 2] == 42.0
+    with LabelStore.open(path, backend=backend) as st:
+        assert st.array("global")[3, 2] == 42.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_arrays_readable_with_plain_numpy_memmap(tmp_path, backend):
+    """The documented layout: fixed header fields, then page-aligned float32 arrays at the table's offsets."""
+    path = tmp_path / "s.cdul"
+    _make(path, backend)
+    raw = path.read_bytes()
+    assert raw[:8] == b"CDULSTOR" and struct.unpack_from("<I", raw, 8)[0] == 1
+    n_arrays, rows, classes = struct.unpack_from("<IQI", raw, 20)
+    assert (n_arrays, rows, classes) == (2, 37, 5)
+    done_offset, done_nbytes = struct.unpack_from("<QQ", raw, 64)
+    assert done_offset % PAGE == 0
+    assert np.all(np.memmap(path, np.uint8, "r", done_offset, (done_nbytes,)) == 1)
+    for i, name in enumerate(("final", "global")):
+        ename, dtype, crc, offset, nbytes = struct.unpack_from("<32sIIQQ", raw, 128 + 56 * i)
+        assert ename.rstrip(b"\0").decode() == name and dtype == 1 and offset % PAGE == 0
+        arr = np.memmap(path, np.float32, "r", offset, (rows, classes))
+        np.testing.assert_array_equal(arr, _data(37)[name])
+        assert zlib.crc32(raw[offset:offset + nbytes]) == crc
+
+
+def test_backends_write_identical_bytes_and_read_each_other(tmp_path):
+    if store_ext() is None:
+        pytest.skip("extension not built")
+    a, b = tmp_path / "a.cdul", tmp_path / "b.cdul"
+    _make(a, "numpy")
+    _make(b, "ext")
+    assert a.read_bytes() == b.read_bytes()
+    with LabelStore.open(a, backend="ext") as st:
+        np.testing.assert_array_equal(st.array("final"), _data(37)["final"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_order_and_interruption_do_not_change_the_bytes(tmp_path, backend):
+    ref, shuffled, torn = tmp_path / "ref.cdul", tmp_path / "shuf.cdul", tmp_path / "torn.cdul"
+    _make(ref, backend)
+    _make(shuffled, backend, order=[32, 8, 24, 0, 16])
+    data = _data(37)
+    st = LabelStore.create(torn, CLASSES, 37, ["final", "global"], meta={"k": 1}, backend=backend)
+    st.write(0, {k: v[0:8] for k, v in data.items()})
+    st.flush()
+    del st  # abandoned without close: the file stays WRITING (the process could have died here)
+    with LabelStore.open(torn, mode="r+", backend=backend) as st:
+        assert not st.clean and list(st.pending_rows()[:3]) == [8, 9, 10]
+        for start in range(8, 37, 8):
+            st.write(start, {k: v[start:start + 8] for k, v in data.items()})
+    assert ref.read_bytes() == shuffled.read_bytes() == torn.read_bytes()
+
+
+_WRITER = """
+import os, signal, sys
+import numpy as np
+from cdul_fast.store import LabelStore
+path, backend, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+rng = np.random.default_rng(0)
+data = rng.random((64, 5), dtype=np.float32)
+st = (LabelStore.open(path, mode="r+", backend=backend) if resume else
+      LabelStore.create(path, ["cat", "dog", "bird", "car", "tree"], 64, ["final"], meta={"k": 1}, backend=backend))
+for start in st.pending_rows()[::4]:
+    st.write(int(start), {"final": data[start:start + 4]})
+    if not resume and start == 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+st.close()
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_then_resume_is_byte_identical(tmp_path, backend):
+    whole, killed = tmp_path / "whole.cdul", tmp_path / "killed.cdul"
+    run = [sys.executable, "-c", _WRITER]
+    subprocess.run([*run, str(whole), backend, "0"], check=False)  # killed at row 20 too...
+    subprocess.run([*run, str(whole), backend, "1"], check=True)   # ...so finish it: reference built the same way
+    proc = subprocess.run([*run, str(killed), backend, "0"])
+    assert proc.returncode == -signal.SIGKILL
+    with LabelStore.open(killed, backend=backend) as st:
+        assert not st.clean and 0 < int((np.asarray(st.done) == 1).sum()) < 64
+    subprocess.run([*run, str(killed), backend, "1"], check=True)
+    direct = tmp_path / "direct.cdul"
+    data = np.random.default_rng(0).random((64, 5), dtype=np.float32)
+    with LabelStore.create(direct, CLASSES, 64, ["final"], meta={"k": 1}, backend=backend) as st:
+        st.write(0, {"final": data})
+    assert killed.read_bytes() == whole.read_bytes() == direct.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------------ corruption
+
+
+def _corrupt(path: Path, offset: int, value: bytes | None = None) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] = (raw[offset] ^ 0xFF) if value is None else value[0]
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,message", [
+    ("magic", "not a cdul-fast label store"),
+    ("version", "format version"),
+    ("header", "header is corrupted"),
+    ("meta", "header is corrupted"),
+    ("done", "done map checksum mismatch"),
+    ("array", "array 'global' checksum mismatch"),
+    ("truncate", "truncated"),
+    ("append", "longer than its header says"),
+    ("tiny", "truncated"),
+    ("empty", "truncated"),
+])
+def test_damage_is_detected_with_a_clear_error(tmp_path, backend, case, message):
+    path = tmp_path / "s.cdul"
+    _make(path, backend)
+    raw = path.read_bytes()
+    if case == "magic":
+        _corrupt(path, 0)
+    elif case == "version":
+        path.write_bytes(raw[:8] + struct.pack("<I", 7) + raw[12:])
+    elif case == "header":
+        _corrupt(path, 24)  # rows
+    elif case == "meta":
+        _corrupt(path, PAGE + 3)
+    elif case == "done":
+        done_offset = struct.unpack_from("<Q", raw, 64)[0]
+        _corrupt(path, done_offset + 5)
+    elif case == "array":
+        offset = struct.unpack_from("<32sIIQQ", raw, 128 + 56)[3]
+        _corrupt(path, offset + 100)
+    elif case == "truncate":
+        path.write_bytes(raw[:-PAGE])
+    elif case == "append":
+        path.write_bytes(raw + b"\0")
+    elif case == "tiny":
+        path.write_bytes(raw[:100])
+    elif case == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(StoreError, match=message) as info:
+        LabelStore.open(path, backend=backend)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_mismatch_exists_and_mode_errors(tmp_path, backend):
+    path = tmp_path / "s.cdul"
+    _make(path, backend)
+    with pytest.raises(StoreError, match="missing horse; extra car"):
+        LabelStore.open(path, expect_classes=("cat", "dog", "bird", "horse", "tree"), backend=backend)
+    with pytest.raises(StoreError, match="different order"):
+        LabelStore.open(path, expect_classes=tuple(reversed(CLASSES)), backend=backend)
+    with pytest.raises(StoreError, match="already exists"):
+        LabelStore.create(path, CLASSES, 3, ["final"], backend=backend)
+    with LabelStore.open(path, backend=backend) as st:
+        with pytest.raises(StoreError, match="read-only"):
+            st.write(0, {"final": np.zeros((1, 5))})
+        with pytest.raises(StoreError, match="no array 'nope'"):
+            st.array("nope")
+    with pytest.raises(StoreError, match="not found"):
+        LabelStore.open(tmp_path / "missing.cdul", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_writer_is_refused(tmp_path, backend):
+    path = tmp_path / "s.cdul"
+    _make(path, backend)
+    with LabelStore.open(path, mode="r+", backend=backend):
+        with pytest.raises(StoreError, match="locked by another process"):
+            LabelStore.open(path, mode="r+", backend=backend)
+        code = ("import sys\nfrom cdul_fast.store import LabelStore\nfrom cdul_fast.errors import StoreError\n"
+                f"try:\n    LabelStore.open({str(path)!r}, mode='r+', backend={backend!r})\n"
+                "except StoreError as e:\n    print(e); sys.exit(3)\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode == 3 and "locked" in proc.stdout
+    with LabelStore.open(path, mode="r+", backend=backend):  # released on close
+        pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_validation_meta_update_and_empty_store(tmp_path, backend):
+    path = tmp_path / "s.cdul"
+    st = LabelStore.create(path, CLASSES, 4, ["final", "global"], backend=backend)
+    with pytest.raises(StoreError, match=r"must be \[n, 5\]"):
+        st.write(0, {"final": np.zeros((2, 4))})
+    with pytest.raises(StoreError, match="same number of rows"):
+        st.write(0, {"final": np.zeros((2, 5)), "global": np.zeros((3, 5))})
+    with pytest.raises(StoreError, match="outside"):
+        st.write(3, {"final": np.zeros((2, 5))})
+    st.update_meta({"note": "x" * 1000})
+    with pytest.raises(StoreError, match="does not fit"):
+        st.update_meta({"note": "x" * (1 << 20)})
+    assert st.pending_rows().tolist() == [0, 1, 2, 3] and not st.is_complete
+    st.write(0, {"final": np.ones((4, 5))})
+    assert st.is_complete
+    st.close()
+    st.close()  # idempotent
+    with LabelStore.open(path, backend=backend) as st:
+        assert st.meta == {"note": "x" * 1000} and float(np.asarray(st.array("global")).sum()) == 0.0
+    empty = tmp_path / "e.cdul"
+    LabelStore.create(empty, CLASSES, 0, ["final"], backend=backend).close()
+    with LabelStore.open(empty, backend=backend) as st:
+        assert st.rows == 0 and st.array("final").shape == (0, 5) and st.is_complete
+    for bad in ([], ["a", "a"], ["x" * 40]):
+        with pytest.raises(StoreError):
+            LabelStore.create(tmp_path / "bad.cdul", CLASSES, 1, bad, backend=backend)
+    assert not (tmp_path / "bad.cdul").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_ext_crc_matches_zlib():
+    ext = store_ext()
+    if ext is None:
+        pytest.skip("extension not built")
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 63, 4097, 100_003):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        assert ext.crc32(data) == zlib.crc32(data.tobytes())
+        assert ext.crc32(data[1:]) == zlib.crc32(data[1:].tobytes())  # unaligned start
+    assert os.path.basename(ext.__file__).startswith("_store")
