@@ -138,7 +138,7 @@ def train(out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, pool
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps:
-            print(f"step {step}/{steps} loss {float(loss.detach()):.4f} scale {float(model.logit_scale.exp()):.1f} "
+            print(f"step {step}/{steps} loss {float(loss.detach()):.4f} scale {float(model.logit_scale.detach().exp()):.1f} "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
