@@ -15,11 +15,11 @@ from torch import nn
 from .checkpoint import load_state_dict_file
 from .errors import ConfigError, WeightsError
 
-SMALL_ARCHS = ("shapesnet",)
+SMALL_ARCHS = ("shapesnet", "clipres")
 
 
 class ShapesNet(nn.Module):
-    """A 5-stage conv net (~0.4M parameters) that trains in seconds per epoch on a CPU at 64 px."""
+    """A 5-stage conv net (~1.2M parameters, global max pooling) that trains in seconds per epoch on a CPU at 64 px."""
 
     def __init__(self, num_classes: int, width: int = 32, dropout: float = 0.1) -> None:
         super().__init__()
@@ -32,12 +32,59 @@ class ShapesNet(nn.Module):
                        nn.Conv2d(c, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
             cin = c
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveMaxPool2d(1)  # small objects anywhere: max keeps a local detection, avg dilutes it
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
+
+
+class ClipResNet(nn.Module):
+    """The convolutional trunk of an open_clip ModifiedResNet (e.g. the shipped shapes-clip) + max pool + linear head.
+
+    With ``--pretrained shapes-clip`` the trunk starts from the shipped CLIP's image encoder, the way the paper's
+    ResNet-101 starts from ImageNet: features learned without any multi-label annotation. The attention pool is
+    dropped so any input size works.
+    """
+
+    def __init__(self, num_classes: int, clip_cfg: dict | None = None) -> None:
+        super().__init__()
+        from open_clip.modified_resnet import ModifiedResNet
+
+        vc = (clip_cfg or _shapes_clip_cfg())["vision_cfg"]
+        width = int(vc["width"])
+        trunk = ModifiedResNet(layers=vc["layers"], output_dim=8, heads=1, image_size=int(vc["image_size"]),
+                               width=width)
+        trunk.attnpool = nn.Identity()
+        self.trunk = trunk
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(width * 32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.trunk
+        x = t.stem(x) if hasattr(t, "stem") else t.avgpool(t.act3(t.bn3(t.conv3(t.act2(t.bn2(t.conv2(
+            t.act1(t.bn1(t.conv1(x.to(t.conv1.weight.dtype)))))))))))
+        x = t.layer4(t.layer3(t.layer2(t.layer1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+    def load_clip_visual(self, clip_state: dict[str, torch.Tensor]) -> None:
+        """Copy ``visual.*`` trunk weights of a CLIP state dict (attention pool excluded)."""
+        trunk = {k[len("visual."):]: v for k, v in clip_state.items()
+                 if k.startswith("visual.") and not k.startswith("visual.attnpool.")}
+        missing, unexpected = self.trunk.load_state_dict(trunk, strict=False)
+        if unexpected or [m for m in missing if not m.startswith("attnpool")]:
+            raise WeightsError(f"CLIP weights do not fit the clipres trunk ({len(missing)} missing, "
+                               f"{len(unexpected)} unexpected)")
+
+
+def _shapes_clip_cfg() -> dict:
+    import json
+
+    from .clip_loader import ALIASES
+
+    cfg = json.loads((ALIASES["shapes-clip"] / "open_clip_config.json").read_text(encoding="utf-8"))
+    return cfg.get("model_cfg", cfg)
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
@@ -88,6 +135,19 @@ def build_classifier(arch: str, num_classes: int, pretrained: str | None = None)
         if pretrained:
             raise ConfigError("shapesnet has no pretrained weights; omit --pretrained")
         return ShapesNet(num_classes)
+    if arch == "clipres":
+        model = ClipResNet(num_classes)
+        if pretrained:
+            from .clip_loader import ALIASES
+
+            src = ALIASES.get(pretrained, Path(pretrained))
+            if src.is_dir():
+                files = sorted(src.glob("*.safetensors"))
+                if not files:
+                    raise WeightsError(f"{src} holds no .safetensors weights")
+                src = files[0]
+            model.load_clip_visual({k: v.float() for k, v in load_state_dict_file(src).items()})
+        return model
     import torchvision
 
     if arch not in torchvision.models.list_models(module=torchvision.models):

@@ -187,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "classifier with latent label updates, export it to ONNX and report its test "
                                     "mAP with ONNX Runtime.")
     de.add_argument("--out", "-o", default="cdul-demo", help="work folder (default: ./cdul-demo)")
-    de.add_argument("--train-images", type=int, default=None, help="images in the train split (default: shapes' own)")
-    de.add_argument("--test-images", type=int, default=None, help="images in the test split (default: shapes' own)")
+    de.add_argument("--train-images", type=int, default=None,
+                    help="images in the train split (default: demo.yaml, 3000)")
+    de.add_argument("--test-images", type=int, default=None,
+                    help="images in the test split (default: demo.yaml, 500)")
     de.add_argument("--epochs", type=int, default=None, help="classifier epochs (default: demo.yaml)")
     de.add_argument("--skip-train", action="store_true", help="stop after the pseudo-label table")
     de.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -220,3 +220,17 @@ def test_bad_configs_are_rejected(world, tmp_path):
         (tmp_path / "full").mkdir()
         (tmp_path / "full" / "x").write_text("1")
         Trainer(_cfg(world, tmp_path / "full"), log=lambda s: None)
+
+
+def test_clipres_starts_from_the_shipped_clip_trunk():
+    from safetensors.torch import load_file
+
+    from cdul_fast.clip_loader import ALIASES
+
+    clip = load_file(str(ALIASES["shapes-clip"] / "open_clip_model.safetensors"))
+    model = build_classifier("clipres", 5, "shapes-clip")
+    assert torch.equal(model.trunk.conv1.weight, clip["visual.conv1.weight"].float())
+    assert torch.equal(model.trunk.layer4[0].conv3.weight, clip["visual.layer4.0.conv3.weight"].float())
+    assert model(torch.rand(2, 3, 96, 96)).shape == (2, 5)  # no attention pool: any input size
+    fresh = build_classifier("clipres", 5)
+    assert not torch.equal(fresh.trunk.conv1.weight, model.trunk.conv1.weight)
