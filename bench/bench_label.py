@@ -124,7 +124,7 @@ def main() -> None:
         run_label(cfg, log=lambda s: None, clip=clip)  # warm-up (first-call costs, page cache)
         cfg.overwrite = True
         t0 = time.perf_counter()
-        res = run_label(cfg, log=lambda s: None, clip=clip)
+        run_label(cfg, log=lambda s: None, clip=clip)
         t_pipe = time.perf_counter() - t0
         t_bare = bare_encoder(clip, paths, args.grid, args.batch_size)
         k = min(args.naive_images, len(paths))

@@ -79,7 +79,8 @@ def run_demo(args: dict) -> int:
     summary["classifier, ONNX Runtime (test)"] = evaluate_scores(scores, test_ds).map * 100
 
     test_store = out / "test.cdul"
-    run_label(LabelConfig(out=str(test_store), dataset="shapes", root=str(root), split="test", dataset_options=test_opts,
+    run_label(LabelConfig(out=str(test_store), dataset="shapes", root=str(root), split="test",
+                          dataset_options=test_opts,
                           save=(), overwrite=True, device=device, progress=False, **cfg["label"]),
               log=lambda s: None, dataset=test_ds)
     test_reports, _ = evaluate_store(test_store, test_ds, ["final"])

@@ -138,7 +138,8 @@ def train(out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, pool
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps:
-            print(f"step {step}/{steps} loss {float(loss.detach()):.4f} scale {float(model.logit_scale.detach().exp()):.1f} "
+            scale = float(model.logit_scale.detach().exp())
+            print(f"step {step}/{steps} loss {float(loss.detach()):.4f} scale {scale:.1f} "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def train(out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, pool
     reloaded = _reload(weights, seed)
     info = {
         "seed": seed, "steps": steps, "batch": batch, "lr": lr, "pool": pool, "train_seconds": round(seconds, 1),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, {threads} threads".strip(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {threads} threads",
         "torch": torch.__version__, "parameters": sum(p.numel() for p in model.parameters()),
         "zero_shot_top1": round(zero_shot_top1(reloaded, tok, held_imgs, held_cls), 2),
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cdul_fast.clip_loader import load_clip
 from cdul_fast.cli import main
+from cdul_fast.clip_loader import load_clip
 from cdul_fast.datasets import load_dataset
 from cdul_fast.evaluate import evaluate_store
 from cdul_fast.label import LabelConfig, run_label
