@@ -153,10 +153,12 @@ def _cli_args(out: Path, root: Path, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
-def test_resume_after_sigkill_is_byte_identical(tmp_path, image_folder):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resume_after_sigkill_is_byte_identical(tmp_path, image_folder, seed):
     whole = tmp_path / "whole.cdul"
     killed = tmp_path / "killed.cdul"
-    env = {**os.environ, "KILL_AFTER": "3"}
+    kill_after = int(np.random.default_rng(seed).integers(1, 6))  # a random point among the 6 batches
+    env = {**os.environ, "KILL_AFTER": str(kill_after)}
     proc = subprocess.run([sys.executable, "-c", _KILLER, *_cli_args(killed, image_folder)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
