@@ -224,3 +224,33 @@ def test_cli_errors_are_one_line(tmp_path, image_folder, capsys):
     assert main(["eval", "--labels", str(tmp_path / "missing.cdul"), "--dataset", "folder", "--root",
                  str(image_folder), "--classes", "a,b"]) == 2
     assert "missing.cdul" in capsys.readouterr().err
+
+
+_INTERRUPTER = """
+import os, signal, sys
+import cdul_fast.label as L
+count = {"n": 0}
+orig = L._write_runs
+def interrupted(store, rows, values):
+    orig(store, rows, values)
+    count["n"] += 1
+    if count["n"] == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+L._write_runs = interrupted
+from cdul_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_leaves_a_clean_store_and_says_how_to_resume(tmp_path, image_folder):
+    out = tmp_path / "int.cdul"
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTER, *_cli_args(out, image_folder)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 130
+    assert "--resume" in proc.stdout + proc.stderr
+    with LabelStore.open(out) as st:  # checksums verified: closed cleanly
+        assert st.clean and 0 < int((np.asarray(st.done) == 1).sum()) < 11
+    assert main(_cli_args(out, image_folder, "--resume")) == 0
+    whole = tmp_path / "whole.cdul"
+    assert main(_cli_args(whole, image_folder)) == 0
+    assert out.read_bytes() == whole.read_bytes()

@@ -158,15 +158,24 @@ def _cli(world: dict, out: Path, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(world, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory) -> Path:
     from cdul_fast.cli import main
 
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole = tmp_path_factory.mktemp("whole") / "run"
     assert main(_cli(world, whole)) == 0
-    proc = subprocess.run([sys.executable, "-c", _KILLER, *_cli(world, killed)], env={**os.environ, "KILL_AT": "2"},
-                          capture_output=True, text=True, timeout=600)
+    return whole
+
+
+@pytest.mark.parametrize("kill_at", [1, 3])  # during the warm-up, and after latent updates started
+def test_killed_and_resumed_run_matches_uninterrupted(world, tmp_path, uninterrupted, kill_at):
+    from cdul_fast.cli import main
+
+    whole, killed = uninterrupted, tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _KILLER, *_cli(world, killed)],
+                          env={**os.environ, "KILL_AT": str(kill_at)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr
-    assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == kill_at
     assert main(_cli(world, killed)) == 2  # not empty: refuses without --resume
     assert main(_cli(world, killed, "--resume", "--lr", "0.001")) == 2  # different settings: refused
     assert main(_cli(world, killed, "--resume")) == 0
