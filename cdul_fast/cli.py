@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_flags(f)
     f.add("--test-split", help="split for test mAP each epoch ('none' to skip)")
     f.add("--labels-array", help="store array that initializes the pseudo labels")
-    f.add("--arch", help="torchvision model name (resnet101, resnet50, convnext_tiny, ...) or shapesnet")
-    f.add("--pretrained", help="torchvision weights tag (DEFAULT, IMAGENET1K_V2) or a local weights file")
+    f.add("--arch", help="torchvision model name (resnet101, resnet50, convnext_tiny, ...), shapesnet (small CNN), or "
+                         "clipres (an open_clip ResNet trunk; with --pretrained shapes-clip the shipped CLIP's)")
+    f.add("--pretrained", help="torchvision weights tag (DEFAULT, IMAGENET1K_V2), a local weights file, or for "
+                               "clipres a CLIP folder/alias (shapes-clip)")
     f.add("--image-size", type=int, help="input side: the whole image is resized to S x S")
     f.add("--epochs", type=int, help="training epochs")
     f.add("--warmup", type=int, help="epochs before the first latent label update")
