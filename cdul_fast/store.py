@@ -12,12 +12,13 @@ its done map; a CLEAN file whose bytes changed fails its checksums on open.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,28 @@ def _round_up(n: int, to: int = PAGE) -> int:
 
 
 def _meta_bytes(class_names: Sequence[str], meta: Mapping) -> bytes:
-    return json.dumps({"class_names": list(class_names), "meta": dict(meta)}, sort_keys=True,
-                      separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Canonical JSON (sorted keys, no spaces) so equal metadata always gives equal bytes."""
+    try:
+        text = json.dumps({"class_names": list(class_names), "meta": dict(meta)}, sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"label store metadata must be plain JSON (str keys, numbers, strings, lists): {exc}") from exc
+    return text.encode("utf-8")
+
+
+def _locked_msg(path: Path) -> str:
+    return (f"{path} is locked by another process (a label, train or eval run is using it); wait for it to finish "
+            "or stop it")
+
+
+def _flock(fd: int, exclusive: bool, path: Path) -> None:
+    """Non-blocking advisory lock: exclusive for writers, shared for readers."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StoreError(_locked_msg(path)) from None
 
 
 @dataclass
@@ -142,21 +163,21 @@ class _PyMapping:
     name = "numpy"
 
     def __init__(self, path: Path, writable: bool) -> None:
-        import fcntl
-
-        self._fh = open(path, "r+b" if writable else "rb")  # noqa: SIM115 - lives as long as the mapping
         try:
-            fcntl.flock(self._fh.fileno(), (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
+            self._fh = open(path, "r+b" if writable else "rb")  # noqa: SIM115 - lives as long as the mapping
+        except OSError as exc:
+            raise StoreError(f"cannot open label store {path}: {exc.strerror}") from exc
+        try:
+            _flock(self._fh.fileno(), writable, path)
+            self.size = os.fstat(self._fh.fileno()).st_size
+            self.writable = writable
+            self._mm = None
+            if self.size:
+                self._mm = mmap.mmap(self._fh.fileno(), self.size,
+                                     access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+        except BaseException:
             self._fh.close()
-            raise StoreError(f"{path} is locked by another process (a label or train run is using it); wait for it "
-                             "to finish or stop it") from None
-        self.size = os.fstat(self._fh.fileno()).st_size
-        self.writable = writable
-        self._mm = None
-        if self.size:
-            self._mm = mmap.mmap(self._fh.fileno(), self.size,
-                                 access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+            raise
 
     def buffer(self):
         return self._mm if self._mm is not None else b""
@@ -180,9 +201,10 @@ class _PyMapping:
         try:
             if self._mm is not None:
                 self._mm.close()
-            self._fh.close()
         except BufferError:  # numpy views are still alive: they keep the mapping until they go
             pass
+        finally:
+            self._fh.close()  # the mmap holds its own descriptor
 
 
 class _ExtMapping:
@@ -193,11 +215,10 @@ class _ExtMapping:
     def __init__(self, path: Path, writable: bool, ext) -> None:
         try:
             self._mf = ext.MappedFile(str(path), writable, True)
-        except RuntimeError as exc:
-            if str(exc) == "LOCKED":
-                raise StoreError(f"{path} is locked by another process (a label or train run is using it); wait for "
-                                 "it to finish or stop it") from None
-            raise StoreError(str(exc)) from exc
+        except ext.LockedError:
+            raise StoreError(_locked_msg(path)) from None
+        except RuntimeError as exc:  # "cannot open <path>: <reason>" and the like
+            raise StoreError(f"label store: {exc}") from exc
         self.size, self.writable = self._mf.size, writable
 
     def buffer(self):
@@ -249,41 +270,19 @@ class LabelStore:
     @classmethod
     def create(cls, path: str | Path, class_names: Sequence[str], rows: int, arrays: Sequence[str],
                meta: Mapping | None = None, overwrite: bool = False, backend: str = "auto") -> LabelStore:
-        """A new zero-filled store, written under a temporary name and renamed, then opened for writing."""
+        """A new zero-filled store (state WRITING on disk), opened for writing; see "Crash safety" in the format doc."""
         path = Path(path)
         names = list(arrays)
         _check_names(names)
         class_names = tuple(str(c) for c in class_names)
         if not class_names or len(set(class_names)) != len(class_names):
-            raise StoreError("a label store needs a non-empty list of unique class names")
-        if int(rows) < 0:
-            raise StoreError(f"rows must be >= 0, got {rows}")
-        if path.exists() and not overwrite:
-            raise StoreError(f"{path} already exists (pass overwrite to replace it)")
+            raise StoreError("a label store needs a non-empty list of unique class names (at least one class)")
+        if isinstance(rows, bool) or int(rows) != rows or int(rows) < 0:
+            raise StoreError(f"rows must be an integer >= 0, got {rows!r}")
         _pick_backend(backend)
         blob = _meta_bytes(class_names, meta or {})
         h = _layout(int(rows), len(class_names), names, len(blob))
-        h.state = STATE_CLEAN
-        tmp = path.with_name(f".{path.name}.create{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.truncate(h.file_bytes)
-                zero_done, zero_arr = zlib.crc32(bytes(h.done_nbytes)), 0
-                if h.arrays:
-                    zero_arr = _zero_crc(h.arrays[0].nbytes)
-                h.done_crc = zero_done
-                for a in h.arrays:
-                    a.crc = zero_arr
-                fh.seek(h.meta_offset)
-                fh.write(blob)
-                fh.seek(0)
-                fh.write(_sealed(h, blob))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise StoreError(f"cannot create {path}: {exc}") from exc
+        _create_file(path, h, blob, overwrite)
         return cls.open(path, mode="r+", backend=backend, verify=False)
 
     @classmethod
@@ -323,27 +322,30 @@ class LabelStore:
         if mapping.size != h.file_bytes:
             kind = "truncated" if mapping.size < h.file_bytes else "longer than its header says"
             raise StoreError(f"{path} is {kind} ({mapping.size} bytes, expected {h.file_bytes}); the file is damaged")
-        if not (h.meta_offset + h.meta_nbytes <= h.done_offset and h.meta_nbytes <= h.meta_capacity):
+        if not (h.meta_offset == PAGE and h.meta_offset + h.meta_capacity <= h.done_offset
+                and h.meta_nbytes <= h.meta_capacity):
             raise StoreError(f"{path} header is corrupted (meta region)")
-        blob = bytes(buf[h.meta_offset:h.meta_offset + h.meta_nbytes])
+        region = bytes(buf[h.meta_offset:h.meta_offset + h.meta_capacity])
         zeroed = bytearray(page)
         zeroed[_CRC_FIELD] = b"\0\0\0\0"
-        if zlib.crc32(blob, zlib.crc32(zeroed)) != crc:
-            raise StoreError(f"{path} header is corrupted (checksum mismatch); the file cannot be trusted")
+        if zlib.crc32(region, zlib.crc32(zeroed)) != crc:
+            raise StoreError(f"{path} header is corrupted (header/metadata checksum mismatch); the file cannot be "
+                             "trusted: delete it and relabel")
         _check_layout(h, path)
         try:
-            doc = json.loads(blob.decode("utf-8"))
+            doc = json.loads(region[:h.meta_nbytes].decode("utf-8"))
             class_names, meta = tuple(doc["class_names"]), dict(doc["meta"])
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"{path} metadata is unreadable: {exc}") from exc
         if len(class_names) != h.classes:
             raise StoreError(f"{path} header says {h.classes} classes but lists {len(class_names)} names")
         if verify and h.state == STATE_CLEAN:
+            hint = "delete it and relabel (or open with verify=False to inspect it)"
             if mapping.crc32(h.done_offset, h.done_nbytes) != h.done_crc:
-                raise StoreError(f"{path} is corrupted: done map checksum mismatch")
+                raise StoreError(f"{path} is corrupted: done map checksum mismatch; {hint}")
             for a in h.arrays:
                 if mapping.crc32(a.offset, a.nbytes) != a.crc:
-                    raise StoreError(f"{path} is corrupted: array '{a.name}' checksum mismatch")
+                    raise StoreError(f"{path} is corrupted: array '{a.name}' checksum mismatch; {hint}")
         return cls(path, mode, mapping, h, class_names, meta)
 
     # -- properties
@@ -381,23 +383,35 @@ class LabelStore:
             raise StoreError(f"{self.path} is open read-only; open it with mode 'r+' to write")
 
     def write(self, start: int, values: Mapping[str, np.ndarray]) -> None:
-        """Rows [start, start + n) of the named arrays, then done = 1 for them (data first, then the done mark)."""
+        """Rows [start, start + n) of the named arrays, then done = 1 for them (data first, so a crash between the
+        two leaves the rows pending, never marked done without data)."""
         self._need_write()
+        checked = self._check_values(values)
+        n = next(iter(checked.values())).shape[0]
+        if isinstance(start, bool) or int(start) != start or start < 0 or start + n > self.rows:
+            raise StoreError(f"write: rows [{start}, {start + n}) outside [0, {self.rows}) of {self.path}")
+        start = int(start)
+        for name, arr in checked.items():
+            self._arrays[name][start:start + n] = arr
+        self.done[start:start + n] = DONE
+
+    def _check_values(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """All names known, all [n, classes] with one n, real numbers: validated before any byte is written."""
         if not values:
             raise StoreError("write needs at least one array")
-        n = None
+        out: dict[str, np.ndarray] = {}
         for name, v in values.items():
+            self.array(name)  # StoreError for unknown names
             arr = np.asarray(v)
+            if arr.dtype.kind not in "biuf":
+                raise StoreError(f"write: array {name!r} must hold real numbers, got dtype {arr.dtype}")
             if arr.ndim != 2 or arr.shape[1] != self.classes:
                 raise StoreError(f"write: array {name!r} must be [n, {self.classes}], got {arr.shape}")
-            if n is not None and arr.shape[0] != n:
-                raise StoreError("write: all arrays must have the same number of rows")
-            n = arr.shape[0]
-        if start < 0 or start + n > self.rows:
-            raise StoreError(f"write: rows [{start}, {start + n}) outside [0, {self.rows})")
-        for name, v in values.items():
-            self.array(name)[start:start + n] = np.asarray(v, dtype=np.float32)
-        self.done[start:start + n] = DONE
+            out[name] = arr.astype(np.float32, copy=False)
+        if len({a.shape[0] for a in out.values()}) != 1:
+            raise StoreError(f"write: all arrays must have the same number of rows, got "
+                             f"{ {k: a.shape[0] for k, a in out.items()} }")
+        return out
 
     def update_meta(self, meta: Mapping) -> None:
         """Replace the metadata dict (must fit the region reserved at creation)."""
@@ -408,15 +422,16 @@ class LabelStore:
                              f"{self.path}")
         buf = self._map.buffer()
         h = self._h
-        buf[h.meta_offset:h.meta_offset + h.meta_capacity] = bytes(h.meta_capacity)
-        buf[h.meta_offset:h.meta_offset + len(blob)] = blob
+        buf[h.meta_offset:h.meta_offset + h.meta_capacity] = blob + bytes(h.meta_capacity - len(blob))
         h.meta_nbytes = len(blob)
-        self.meta = dict(meta)
+        self.meta = json.loads(blob)["meta"]
         self._write_header()
 
     def flush(self) -> None:
+        """msync the whole mapping: rows written so far survive a power cut, not only a process crash."""
         if self.mode == "r+" and not self._closed:
-            self._map.flush(0, self._h.file_bytes)
+            with _io_errors(self.path, "flush"):
+                self._map.flush(0, self._h.file_bytes)
 
     def close(self) -> None:
         """Writers: fresh checksums, state CLEAN, msync + fsync. Idempotent."""
@@ -424,16 +439,21 @@ class LabelStore:
             return
         try:
             if self.mode == "r+":
-                h = self._h
-                h.done_crc = self._map.crc32(h.done_offset, h.done_nbytes)
-                for a in h.arrays:
-                    a.crc = self._map.crc32(a.offset, a.nbytes)
-                self._map.flush(PAGE, h.file_bytes - PAGE)
-                self._set_state(STATE_CLEAN)
-                self._map.fsync()
+                with _io_errors(self.path, "close"):
+                    self._seal()
         finally:
             self._closed = True
             self._map.close()
+
+    def _seal(self) -> None:
+        """Fresh CRCs, data on disk, then the header says CLEAN (so CLEAN never points at unsynced data)."""
+        h = self._h
+        h.done_crc = self._map.crc32(h.done_offset, h.done_nbytes)
+        for a in h.arrays:
+            a.crc = self._map.crc32(a.offset, a.nbytes)
+        self._map.flush(PAGE, h.file_bytes - PAGE)
+        self._set_state(STATE_CLEAN)
+        self._map.fsync()
 
     def _set_state(self, state: int) -> None:
         self._h.state = state
@@ -443,8 +463,7 @@ class LabelStore:
     def _write_header(self) -> None:
         h = self._h
         buf = self._map.buffer()
-        blob = bytes(buf[h.meta_offset:h.meta_offset + h.meta_nbytes])
-        buf[:PAGE] = _sealed(h, blob)
+        buf[:PAGE] = _sealed(h, bytes(buf[h.meta_offset:h.meta_offset + h.meta_capacity]))
         self._map.flush(0, h.meta_offset + h.meta_capacity)
 
     def __enter__(self) -> LabelStore:
@@ -459,21 +478,62 @@ class LabelStore:
                 f"arrays={list(self.array_names)}, {state}, backend={self.backend})")
 
 
-def _sealed(h: _Header, meta_blob: bytes) -> bytes:
-    """The header page with its checksum (over the page with the field zeroed, then the metadata JSON)."""
+def _sealed(h: _Header, meta_region: bytes) -> bytes:
+    """The header page with its checksum: CRC-32 of the page (CRC field zeroed) followed by the whole meta region,
+    padding included, so any change to the class names, metadata or their padding is caught."""
     page = h.pack()
-    struct.pack_into("<I", page, _CRC_FIELD.start, zlib.crc32(meta_blob, zlib.crc32(page)))
+    struct.pack_into("<I", page, _CRC_FIELD.start, zlib.crc32(meta_region, zlib.crc32(page)))
     return bytes(page)
 
 
-def _zero_crc(nbytes: int) -> int:
-    crc, chunk = 0, bytes(min(nbytes, 1 << 22))
-    left = nbytes
-    while left:
-        k = min(left, len(chunk))
-        crc = zlib.crc32(chunk[:k], crc)
-        left -= k
-    return crc
+@contextlib.contextmanager
+def _io_errors(path: Path, what: str) -> Iterator[None]:
+    """msync/fsync failures (disk full, I/O error) from either backend as one StoreError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        raise StoreError(f"{what} of label store {path} failed: {exc}; check free disk space, then resume") from exc
+
+
+def _create_file(path: Path, h: _Header, meta_blob: bytes, overwrite: bool) -> None:
+    """Write a zero-filled store in place. Without overwrite, O_EXCL refuses an existing file atomically; with it, the
+    old file is locked before it is truncated, so a store in use by another process is never clobbered. The header
+    goes last: a crash mid-create leaves a file that fails with "bad magic", never a valid-looking one."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise StoreError(f"{path} already exists (pass overwrite to replace it, or open it to resume)") from None
+    except OSError as exc:
+        raise StoreError(f"cannot create label store {path}: {exc.strerror}") from exc
+    try:
+        _flock(fd, True, path)
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, h.file_bytes)
+        os.pwrite(fd, meta_blob, h.meta_offset)
+        region = meta_blob + bytes(h.meta_capacity - len(meta_blob))
+        os.pwrite(fd, _sealed(h, region), 0)
+        os.fsync(fd)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise StoreError(f"cannot create label store {path}: {exc}") from exc
+    finally:
+        os.close(fd)  # drops the lock; open() takes it again
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the new directory entry durable (best effort: some filesystems refuse fsync on directories)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _check_layout(h: _Header, path: Path) -> None:

@@ -68,7 +68,7 @@ MappedFile::MappedFile(const std::string& path, bool writable, bool lock) : path
     int err = errno;
     ::close(fd_);
     fd_ = -1;
-    if (err == EWOULDBLOCK) throw std::runtime_error("LOCKED");
+    if (err == EWOULDBLOCK) throw LockedError(path);
     errno = err;
     throw std::runtime_error(os_error("cannot lock", path));
   }

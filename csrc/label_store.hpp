@@ -5,9 +5,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 namespace cdul {
+
+// Thrown when the non-blocking flock fails because another open file description holds a conflicting lock; the
+// bindings turn it into cdul_fast._store.LockedError so Python can tell "in use" from other I/O errors.
+struct LockedError : std::runtime_error {
+  explicit LockedError(const std::string& path) : std::runtime_error(path + " is locked by another process") {}
+};
 
 // CRC-32/IEEE (reflected, poly 0xEDB88320), slicing-by-8; crc32(data, n, 0) == zlib.crc32(data).
 uint32_t crc32(const uint8_t* data, size_t n, uint32_t crc = 0);

@@ -23,6 +23,7 @@ uint32_t crc_of(const py::buffer& b, uint32_t start) {
 
 PYBIND11_MODULE(_store, m) {
   m.doc() = "Label store extension: locked mmap of a store file and CRC-32 (see docs/store_format.md)";
+  py::register_exception<cdul::LockedError>(m, "LockedError", PyExc_RuntimeError);
   m.def("crc32", &crc_of, py::arg("data"), py::arg("start") = 0,
         "CRC-32/IEEE of a contiguous buffer (equals zlib.crc32), computed without the GIL");
 

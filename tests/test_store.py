@@ -153,6 +153,7 @@ def _corrupt(path: Path, offset: int, value: bytes | None = None) -> None:
     ("version", "format version"),
     ("header", "header is corrupted"),
     ("meta", "header is corrupted"),
+    ("meta-padding", "header is corrupted"),
     ("done", "done map checksum mismatch"),
     ("array", "array 'global' checksum mismatch"),
     ("truncate", "truncated"),
@@ -172,6 +173,9 @@ def test_damage_is_detected_with_a_clear_error(tmp_path, backend, case, message)
         _corrupt(path, 24)  # rows
     elif case == "meta":
         _corrupt(path, PAGE + 3)
+    elif case == "meta-padding":  # past the JSON, inside the reserved region: still covered by the header CRC
+        meta_nbytes = struct.unpack_from("<Q", raw, 56)[0]
+        _corrupt(path, PAGE + meta_nbytes + 10)
     elif case == "done":
         done_offset = struct.unpack_from("<Q", raw, 64)[0]
         _corrupt(path, done_offset + 5)
@@ -267,3 +271,101 @@ def test_ext_crc_matches_zlib():
         assert ext.crc32(data) == zlib.crc32(data.tobytes())
         assert ext.crc32(data[1:]) == zlib.crc32(data[1:].tobytes())  # unaligned start
     assert os.path.basename(ext.__file__).startswith("_store")
+
+
+def _state_on_disk(path: Path) -> int:
+    return struct.unpack_from("<I", path.read_bytes(), 16)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writing_state_verify_and_header_check(tmp_path, backend):
+    """r+ marks WRITING on disk at once; a WRITING store skips data CRCs but never the header CRC."""
+    path = tmp_path / "s.cdul"
+    _make(path, backend)
+    assert _state_on_disk(path) == 2
+    st = LabelStore.open(path, mode="r+", backend=backend)
+    assert _state_on_disk(path) == 1 and not st.clean
+    st.array("final")[0, 0] = 7.0
+    st.flush()
+    del st  # "crash": left WRITING with data that no longer matches the old CRCs
+    with LabelStore.open(path, backend=backend) as st:
+        assert not st.clean and st.array("final")[0, 0] == 7.0
+    _corrupt(path, 24)
+    with pytest.raises(StoreError, match="header is corrupted"):
+        LabelStore.open(path, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verify_false_opens_a_damaged_clean_store(tmp_path, backend):
+    path = tmp_path / "s.cdul"
+    _make(path, backend)
+    offset = struct.unpack_from("<32sIIQQ", path.read_bytes(), 128)[3]
+    _corrupt(path, offset)
+    with pytest.raises(StoreError, match="array 'final' checksum mismatch; delete it"):
+        LabelStore.open(path, backend=backend)
+    with LabelStore.open(path, backend=backend, verify=False) as st:
+        assert st.clean and st.rows == 37
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overwrite_replaces_but_never_a_store_in_use(tmp_path, backend):
+    path = tmp_path / "s.cdul"
+    _make(path, backend)
+    with LabelStore.open(path, mode="r+", backend=backend):
+        with pytest.raises(StoreError, match="locked by another process"):
+            LabelStore.create(path, CLASSES, 3, ["final"], overwrite=True, backend=backend)
+    with LabelStore.open(path, backend=backend) as st:  # untouched by the refused overwrite
+        assert st.rows == 37
+    with LabelStore.create(path, ("a", "b"), 3, ["x"], meta={"v": 2}, overwrite=True, backend=backend) as st:
+        assert _state_on_disk(path) == 1 and st.pending_rows().tolist() == [0, 1, 2]
+    with LabelStore.open(path, backend=backend, expect_classes=("a", "b")) as st:
+        assert st.meta == {"v": 2} and st.array_names == ("x",) and st.clean
+    fresh = tmp_path / "fresh.cdul"
+    LabelStore.create(fresh, ("a", "b"), 3, ["x"], meta={"v": 2}, backend=backend).close()
+    assert fresh.read_bytes() == path.read_bytes()  # an overwritten store is the same as a fresh one
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argument_validation(tmp_path, backend):
+    path = tmp_path / "s.cdul"
+    for kwargs, message in [({"rows": -1}, "rows must be"), ({"rows": 2.5}, "rows must be"),
+                            ({"class_names": []}, "at least one class"), ({"class_names": ["a", "a"]}, "unique"),
+                            ({"meta": {"f": object()}}, "plain JSON"), ({"meta": {"n": float("nan")}}, "plain JSON"),
+                            ({"arrays": ["a" * 32]}, "1..31 bytes"), ({"arrays": [f"a{i}" for i in range(33)]},
+                                                                      "at most 32")]:
+        args = {"class_names": CLASSES, "rows": 4, "arrays": ["final"], **kwargs}
+        with pytest.raises(StoreError, match=message):
+            LabelStore.create(path, backend=backend, **args)
+        assert not path.exists()
+    with pytest.raises(StoreError, match="mode must be"):
+        LabelStore.open(path, mode="w", backend=backend)
+    with pytest.raises(StoreError, match="backend must be"):
+        LabelStore.create(path, CLASSES, 4, ["final"], backend="cuda")
+    with LabelStore.create(path, CLASSES, 4, ["final", "global"], backend=backend) as st:
+        with pytest.raises(StoreError, match="real numbers"):
+            st.write(0, {"final": np.full((1, 5), "x")})
+        with pytest.raises(StoreError, match="real numbers"):
+            st.write(0, {"final": np.zeros((1, 5), np.complex64)})
+        with pytest.raises(StoreError, match="no array 'nope'"):  # checked before anything is written
+            st.write(0, {"final": np.ones((1, 5)), "nope": np.ones((1, 5))})
+        assert float(st.array("final").sum()) == 0.0 and st.pending_rows().size == 4
+        st.write(1, {"final": np.arange(10, dtype=np.float64).reshape(2, 5), "global": np.ones((2, 5), np.int32)})
+        assert st.array("final").dtype == np.float32 and st.array("final")[2, 4] == 9.0
+        assert st.pending_rows().tolist() == [0, 3]
+        st.done[0] = 2  # skipped rows count as finished, stay zero
+        assert st.pending_rows().tolist() == [3] and not st.is_complete
+    with pytest.raises(StoreError, match="read-only"):
+        with LabelStore.open(path, backend=backend) as st:
+            st.update_meta({})
+
+
+def test_auto_falls_back_to_numpy_without_the_extension(tmp_path, monkeypatch):
+    import cdul_fast.store as store_mod
+
+    monkeypatch.setattr(store_mod, "store_ext", lambda: None)
+    path = tmp_path / "s.cdul"
+    _make(path, "auto")
+    with LabelStore.open(path) as st:
+        assert st.backend == "numpy" and st.is_complete
+    with pytest.raises(StoreError, match="'ext' asked for but cdul_fast._store is not built"):
+        LabelStore.open(path, backend="ext")
