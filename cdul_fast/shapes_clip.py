@@ -1,13 +1,18 @@
 """Train (and evaluate) the tiny CLIP shipped as ``shapes-clip``: a contrastive image-text model of the shapes world.
 
-    python -m cdul_fast.shapes_clip train --out cdul_fast/assets/shapes-clip     # ~7 min on 2 CPU cores
+    python -m cdul_fast.shapes_clip train --out /tmp/shapes-clip     # ~6 min on 2 CPU cores
     python -m cdul_fast.shapes_clip eval --clip cdul_fast/assets/shapes-clip
 
-Images are single-object renders (``datasets.shapes.render_single``) passed through JPEG like the dataset files;
-captions are "a photo of the {class}" and "a photo of the {colour} {class}". The loss is the symmetric contrastive
-loss of CLIP with every correct caption counted as a positive (several images in a batch share a caption). Seeded
-and single-process, so a rerun on the same machine reproduces the weights; across machines/BLAS builds the numbers
-agree within the tolerance stated in docs/shapes.md.
+Images are single-object renders (``datasets.shapes.render_single``, the generator of the ``captions`` split) drawn at
+40-64 px, passed through JPEG like the dataset files and resized to 64 px, which is how a grid snippet of a
+multi-object image looks after CLIP's resize. Captions are "a photo of the {class}" and "a photo of the {colour}
+{class}". The loss is CLIP's symmetric contrastive loss with every correct caption counted as a positive (several
+images in a batch share a caption). Seeded and single-process, so a rerun on the same machine reproduces the weights
+bit for bit; across machines/BLAS builds the numbers agree within the tolerance stated in docs/shapes.md.
+
+After training, ``train`` measures what the checkpoint is for and records it in ``train_info.json``: zero-shot top-1
+on held-out single objects, and pseudo-label mAP (global / avg / max / cdul, 3x3 grid) on the multi-object test split
+with zeta chosen on the train split within the paper's range 0-0.4.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +43,32 @@ MODEL_CFG = {
 PREPROCESS_CFG = {"size": 64, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic",
                   "resize_mode": "shortest"}
 TEMPLATE = "a photo of the {}"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+ZETAS = (0.0, 0.1, 0.2, 0.3, 0.4)  # the paper's search range for the min-max threshold (section 4.3)
+GRID = 3
+POOL_STREAM, HELD_OUT_STREAM = 7919, 104729  # separate RNG streams: held-out images never overlap training ones
+HELD_OUT = 600
+EVAL_N = {"train": 1000, "test": 500}  # the dataset's default split sizes
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained weights (recorded in train_info.json)."""
+
+    steps: int = 1200
+    batch: int = 128
+    lr: float = 2e-3
+    pool: int = 6000
+    seed: int = 0
+    threads: int = 2
+
+
+def say(msg: str) -> None:
+    """Progress lines, flushed: training runs for minutes under nohup, where stdout is block-buffered."""
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------ data
 
 
 def captions() -> tuple[list[str], np.ndarray]:
@@ -50,11 +83,12 @@ def captions() -> tuple[list[str], np.ndarray]:
     return texts, pos
 
 
-def make_pool(n: int, seed: int, size: int = 64) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def make_pool(n: int, seed: int, size: int = 64, stream: int = POOL_STREAM) -> tuple[torch.Tensor, np.ndarray,
+                                                                                      np.ndarray]:
     """uint8 [n, 3, S, S] single-object images (drawn at 40-64 px, resized to S like a snippet is), classes, colours."""
     from PIL import Image
 
-    rng = np.random.default_rng([seed, 7919])
+    rng = np.random.default_rng([seed, stream])
     colours = list(COLOURS)
     imgs = np.empty((n, 3, size, size), dtype=np.uint8)
     cls = np.empty(n, dtype=np.int64)
@@ -68,10 +102,18 @@ def make_pool(n: int, seed: int, size: int = 64) -> tuple[torch.Tensor, np.ndarr
     return torch.from_numpy(imgs), cls, col
 
 
+def held_out(n: int = HELD_OUT, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Single-object images for zero-shot accuracy, from their own RNG stream (disjoint from any training pool)."""
+    return make_pool(n, seed, stream=HELD_OUT_STREAM)
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     m = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
     s = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
     return (x.float() / 255.0 - m) / s
+
+
+# -------------------------------------------------------------------------------------------------------- training
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
@@ -79,7 +121,7 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
     logits = scale * img @ txt.t()
     m = match.float()
     i2t = -(F.log_softmax(logits, dim=1) * m / m.sum(1, keepdim=True)).sum(1).mean()
-    used = m.sum(0) > 0
+    used = m.sum(0) > 0  # captions without an image in the batch have no positive to pull towards
     lt = logits.t()[used]
     mt = m.t()[used]
     t2i = -(F.log_softmax(lt, dim=1) * mt / mt.sum(1, keepdim=True)).sum(1).mean()
@@ -87,6 +129,7 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
 
 
 def build_model(seed: int):
+    """A freshly initialised open_clip CLIP (seeded) and the tokenizer the loader will pair it with."""
     import open_clip
 
     torch.manual_seed(seed)
@@ -94,8 +137,105 @@ def build_model(seed: int):
         context_length=MODEL_CFG["text_cfg"]["context_length"])
 
 
+def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over 5% of the steps, then cosine decay: stable from scratch at a high learning rate."""
+    warm = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
+def fit(cfg: TrainConfig, log: Callable[[str], None] = say, log_every: int = 100) -> torch.nn.Module:
+    """Train from scratch on a seeded in-memory pool; batch order and flips come from a seeded torch Generator."""
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    model, tok = build_model(cfg.seed)
+    texts, pos = captions()
+    tokens = tok(texts)
+    imgs, cls, col = make_pool(cfg.pool, cfg.seed)
+    log(f"data: {cfg.pool} single-object training images in {time.perf_counter() - t0:.0f}s")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
+    sched = _schedule(opt, cfg.steps)
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, cfg.pool, (cfg.batch,), generator=g)
+        x = imgs[idx]
+        flip = torch.rand(cfg.batch, generator=g) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        match = torch.zeros(cfg.batch, len(texts))
+        match.scatter_(1, torch.from_numpy(pos[cls[idx.numpy()], col[idx.numpy()]]), 1.0)
+        img = F.normalize(model.encode_image(_normalize(x)), dim=-1)
+        txt = F.normalize(model.encode_text(tokens), dim=-1)
+        loss = contrastive_loss(img, txt, model.logit_scale.exp().clamp(max=100), match)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == cfg.steps:
+            scale = float(model.logit_scale.detach().exp())
+            log(f"step {step}/{cfg.steps} loss {float(loss.detach()):.4f} scale {scale:.1f} "
+                f"{time.perf_counter() - t0:.0f}s")
+    return model.eval()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary sibling and rename, so a crash never leaves a torn file under the real name."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Weights in fp16 (the file stays a few MB); the loader casts them into the fp32 model."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda p: save_file(state, str(p)))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _machine(threads: int) -> str:
+    return f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cpus, " \
+           f"{threads} threads"
+
+
+def train(out: Path, cfg: TrainConfig = TrainConfig(), measure: bool = True,
+          log: Callable[[str], None] = say) -> dict:
+    """Train, write config + fp16 safetensors + train_info.json into ``out``; ``measure`` adds the quality metrics."""
+    t0 = time.perf_counter()
+    model = fit(cfg, log)
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / WEIGHTS_NAME)
+    _write_text(out / "open_clip_config.json",
+                json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}, indent=2) + "\n")
+    info = {
+        **asdict(cfg), "train_seconds": round(seconds, 1), "machine": _machine(cfg.threads),
+        "torch": torch.__version__, "parameters": sum(p.numel() for p in model.parameters()),
+        "sha256": sha256(out / WEIGHTS_NAME),
+    }
+    if measure:
+        info.update(evaluate(out, log=log))
+    _write_text(out / "train_info.json", json.dumps(info, indent=2) + "\n")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+
 @torch.no_grad()
 def zero_shot_top1(model, tokenizer, imgs: torch.Tensor, cls: np.ndarray) -> float:
+    """Top-1 (%) of "a photo of the {class}" prompts on single-object images: does the CLIP know the classes."""
     model.eval()
     txt = F.normalize(model.encode_text(tokenizer([TEMPLATE.format(c) for c in CLASSES])), dim=-1)
     hits = 0
@@ -105,125 +245,99 @@ def zero_shot_top1(model, tokenizer, imgs: torch.Tensor, cls: np.ndarray) -> flo
     return 100.0 * hits / len(imgs)
 
 
-def train(out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, pool: int = 6000, seed: int = 0,
-          log_every: int = 100, threads: int = 2) -> dict:
-    """Train from scratch and write open_clip_config.json, open_clip_model.safetensors (fp16) and train_info.json."""
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    model, tok = build_model(seed)
-    texts, pos = captions()
-    tokens = tok(texts)
-    imgs, cls, col = make_pool(pool, seed)
-    held_imgs, held_cls, _ = make_pool(600, seed + 1)
-    print(f"data: {pool} training / 600 held-out single-object images in {time.perf_counter() - t0:.0f}s", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, pool, (batch,), generator=g)
-        x = imgs[idx]
-        flip = torch.rand(batch, generator=g) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        match = torch.zeros(batch, len(texts))
-        p = torch.from_numpy(pos[cls[idx.numpy()], col[idx.numpy()]])
-        match.scatter_(1, p, 1.0)
-        img = F.normalize(model.encode_image(_normalize(x)), dim=-1)
-        txt = F.normalize(model.encode_text(tokens), dim=-1)
-        loss = contrastive_loss(img, txt, model.logit_scale.exp().clamp(max=100), match)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == steps:
-            scale = float(model.logit_scale.detach().exp())
-            print(f"step {step}/{steps} loss {float(loss.detach()):.4f} scale {scale:.1f} "
-                  f"{time.perf_counter() - t0:.0f}s", flush=True)
-    seconds = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / "open_clip_model.safetensors"
-    _save_fp16(model, weights)
-    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG},
-                                                          indent=2) + "\n", encoding="utf-8")
-    reloaded = _reload(weights, seed)
-    info = {
-        "seed": seed, "steps": steps, "batch": batch, "lr": lr, "pool": pool, "train_seconds": round(seconds, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {threads} threads",
-        "torch": torch.__version__, "parameters": sum(p.numel() for p in model.parameters()),
-        "zero_shot_top1": round(zero_shot_top1(reloaded, tok, held_imgs, held_cls), 2),
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-    }
-    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return info
+@torch.no_grad()
+def view_cosines(clip, ds, grid: int = GRID, batch: int = 64) -> torch.Tensor:
+    """Cosine scores [N, 1 + G*G, C] of every view (whole image, then snippets) with every class prompt.
+
+    Uses the package's own view cutting and preprocessing (``cdul_fast.views``), so the numbers are those the label
+    pipeline produces, without a label store; every zeta can then be scored from the same cosines.
+    """
+    from .reference import cosine_scores
+    from .views import ViewSpec, load_rgb, normalize_views, pil_views
+
+    spec = ViewSpec.from_preprocess_cfg(clip.preprocess_cfg, grid)
+    text = clip.encode_text(ds.class_names, TEMPLATE)
+    out = []
+    for i in range(0, len(ds), batch):
+        views = np.stack([pil_views(load_rgb(p), spec) for p in ds.paths[i:i + batch]])
+        x = normalize_views(torch.from_numpy(views), spec.mean, spec.std)
+        feats = clip.encode_image(x).float().reshape(len(views), spec.num_views, -1)
+        out.append(cosine_scores(feats, text))
+    return torch.cat(out)
 
 
-def _save_fp16(model, path: Path) -> None:
-    """Weights in fp16 (the file stays a few MB); the loader casts them into the fp32 model."""
-    from safetensors.torch import save_file
+def map_per_aggregator(cos: torch.Tensor, ds, logit_scale: float, zeta: float, lam: float = 1.0) -> dict[str, float]:
+    """Pseudo-label mAP (%) of each aggregator of Table 3 against the split's ground truth."""
+    from .evaluate import evaluate_scores
+    from .reference import aggregate_all
 
-    tmp = path.with_name("." + path.name + ".tmp")
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _reload(weights: Path, seed: int):
-    from safetensors.torch import load_file
-
-    model, _ = build_model(seed)
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval()
+    labels = aggregate_all(cos, logit_scale, zeta, lam)
+    return {k: round(evaluate_scores(v.numpy(), ds).map * 100, 2) for k, v in labels.items()
+            if k in ("global", "avg", "max", "cdul")}
 
 
-def evaluate(clip_dir: str, n_test: int = 300, root: str | None = None, zetas: tuple[float, ...] = (0.3,)) -> dict:
-    """Zero-shot top-1 on held-out single objects and pseudo-label mAP per aggregator on the multi-object test split."""
+def tune_zeta(cos: torch.Tensor, ds, logit_scale: float, zetas: tuple[float, ...] = ZETAS) -> tuple[float, dict]:
+    """The zeta with the best cdul mAP on ``ds`` (ties: the smallest), and the cdul mAP of every candidate."""
+    scores = {z: map_per_aggregator(cos, ds, logit_scale, z)["cdul"] for z in zetas}
+    best = max(zetas, key=lambda z: (scores[z], -z))
+    return best, {str(z): s for z, s in scores.items()}
+
+
+def evaluate(clip_dir: str | Path, root: str | Path | None = None, n_train: int = EVAL_N["train"],
+             n_test: int = EVAL_N["test"], zetas: tuple[float, ...] = ZETAS,
+             log: Callable[[str], None] = say) -> dict:
+    """Zero-shot top-1 on held-out single objects; zeta tuned on train; pseudo-label mAP per aggregator on test."""
     import tempfile
 
     from .clip_loader import load_clip
     from .datasets import load_dataset
-    from .evaluate import evaluate_store
-    from .label import LabelConfig, run_label
 
-    clip = load_clip(clip_dir, None, device="cpu", precision="fp32")
-    imgs, cls, _ = make_pool(600, 1)
-    res = {"zero_shot_top1": round(zero_shot_top1(clip.model, clip.tokenizer, imgs, cls), 2)}
+    clip = load_clip(str(clip_dir), None, device="cpu", precision="fp32")
+    imgs, cls, _ = held_out()
+    res: dict = {"zero_shot_top1": round(zero_shot_top1(clip.model, clip.tokenizer, imgs, cls), 2),
+                 "zero_shot_images": len(cls), "grid": GRID, "lam": 1.0}
+    log(f"zero-shot top-1 {res['zero_shot_top1']}%")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(root) if root else Path(tmp) / "shapes"
-        ds = load_dataset("shapes", base, "test", n=n_test)
-        for zeta in zetas:
-            out = Path(tmp) / f"z{zeta}.cdul"
-            run_label(LabelConfig(out=str(out), dataset="shapes", root=str(base), split="test",
-                                  dataset_options={"n": n_test}, clip=clip_dir, zeta=zeta,
-                                  save=("global", "avg", "max", "cdul"), progress=False, device="cpu"),
-                      log=lambda s: None, dataset=ds, clip=clip)
-            reports, _ = evaluate_store(out, ds, ["global", "avg", "max", "cdul"])
-            res[f"map_zeta_{zeta}"] = {k: round(r.map * 100, 2) for k, r in reports.items()}
+        t0 = time.perf_counter()
+        train_ds = load_dataset("shapes", base, "train", n=n_train)
+        zeta, per_zeta = tune_zeta(view_cosines(clip, train_ds), train_ds, clip.logit_scale, zetas)
+        test_ds = load_dataset("shapes", base, "test", n=n_test)
+        test_cos = view_cosines(clip, test_ds)
+        res.update(zeta=zeta, zeta_tuning={"split": "train", "images": n_train, "cdul_map": per_zeta},
+                   test_images=n_test, map=map_per_aggregator(test_cos, test_ds, clip.logit_scale, zeta),
+                   test_cdul_map_by_zeta=tune_zeta(test_cos, test_ds, clip.logit_scale, zetas)[1])  # report only
+        log(f"zeta {zeta} (train cdul mAP {per_zeta}); test mAP {res['map']} in {time.perf_counter() - t0:.0f}s")
     return res
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the tiny CLIP from scratch")
-    t.add_argument("--out", required=True)
-    t.add_argument("--steps", type=int, default=1200)
-    t.add_argument("--batch", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--pool", type=int, default=6000)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=2)
+    t = sub.add_parser("train", help="train the tiny CLIP from scratch and measure it")
+    t.add_argument("--out", required=True, help="folder for open_clip_config.json, weights and train_info.json")
+    for name, value in asdict(TrainConfig()).items():
+        t.add_argument(f"--{name}", type=type(value), default=value)
+    t.add_argument("--no-eval", action="store_true", help="skip the quality metrics (faster)")
     e = sub.add_parser("eval", help="zero-shot accuracy and pseudo-label mAP of a trained CLIP folder")
     e.add_argument("--clip", default=str(Path(__file__).parent / "assets" / "shapes-clip"))
-    e.add_argument("--n-test", type=int, default=300)
-    e.add_argument("--zeta", type=float, nargs="+", default=[0.3])
-    args = ap.parse_args()
+    e.add_argument("--root", default=None, help="shapes dataset root (default: a temporary folder)")
+    e.add_argument("--n-train", type=int, default=EVAL_N["train"])
+    e.add_argument("--n-test", type=int, default=EVAL_N["test"])
+    e.add_argument("--zeta", type=float, nargs="+", default=list(ZETAS), help="candidates tuned on train")
+    e.add_argument("--update-info", action="store_true", help="merge the metrics into the folder's train_info.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(getattr(args, "threads", 2))
     if args.cmd == "train":
-        info = train(Path(args.out), args.steps, args.batch, args.lr, args.pool, args.seed, threads=args.threads)
-        print(json.dumps(info, indent=2))
-        print(json.dumps(evaluate(args.out), indent=2))
+        cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+        info = train(Path(args.out), cfg, measure=not args.no_eval)
     else:
-        print(json.dumps(evaluate(args.clip, args.n_test, zetas=tuple(args.zeta)), indent=2))
+        info = evaluate(args.clip, args.root, args.n_train, args.n_test, tuple(args.zeta))
+        if args.update_info:
+            path = Path(args.clip) / "train_info.json"
+            info = {**json.loads(path.read_text(encoding="utf-8")), **info}
+            _write_text(path, json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":

@@ -38,10 +38,6 @@ DEFAULTS = {"captions": {"n": 2000, "size": 64}, "train": {"n": 1000, "size": 12
 # ----------------------------------------------------------------------------------------------------------- glyphs
 
 
-def _poly(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    return points
-
-
 def _regular(n: int, phase: float = -math.pi / 2, r: float = 1.0) -> list[tuple[float, float]]:
     return [(r * math.cos(phase + 2 * math.pi * k / n), r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
 
@@ -121,6 +117,7 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _paste(img: Image.Image, rng: np.random.Generator, name: str, side: int, x: int, y: int) -> str:
+    """Draw one glyph in a jittered named colour; returns the colour name (used in training captions)."""
     colour_name = str(rng.choice(list(COLOURS)))
     colour = np.clip(np.array(COLOURS[colour_name]) + rng.normal(0, 12, 3), 0, 255).astype(np.uint8)
     mask = glyph_mask(name, side, float(rng.uniform(-20, 20)))
@@ -138,11 +135,16 @@ def render_single(rng: np.random.Generator, size: int, cls: int) -> tuple[Image.
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6))), colour
 
 
-def render_multi(rng: np.random.Generator, size: int, k: int) -> tuple[Image.Image, np.ndarray]:
-    """``k`` objects of distinct classes, each 18-30% of the side, placed with little overlap."""
+def render_multi(rng: np.random.Generator, size: int, k: int) -> tuple[Image.Image, np.ndarray, list[dict]]:
+    """``k`` objects of distinct classes, each 18-30% of the side, placed with little overlap.
+
+    Returns the image, its int8 label row and one record per drawn object (class, colour, box [x0, y0, x1, y1]),
+    so the ground truth can be checked against the pixels.
+    """
     img = _background(rng, size)
     classes = rng.choice(len(CLASSES), size=k, replace=False)
     placed: list[tuple[float, float, float]] = []
+    objects: list[dict] = []
     for cls in classes:
         for _attempt in range(30):
             side = int(size * rng.uniform(0.18, 0.30))
@@ -151,13 +153,15 @@ def render_multi(rng: np.random.Generator, size: int, k: int) -> tuple[Image.Ima
             if all(math.hypot(cx - px, cy - py) > 0.9 * (r + pr) for px, py, pr in placed):
                 break
         placed.append((cx, cy, r))
-        _paste(img, rng, CLASSES[cls], side, x, y)
+        colour = _paste(img, rng, CLASSES[cls], side, x, y)
+        objects.append({"class": CLASSES[cls], "colour": colour, "box": [x, y, x + side, y + side]})
     labels = np.full(len(CLASSES), NEGATIVE, dtype=np.int8)
     labels[classes] = POSITIVE
-    return img, labels
+    return img, labels, objects
 
 
 def jpeg_roundtrip(img: Image.Image, quality: int = 90) -> Image.Image:
+    """The image as the dataset files store it (JPEG q90), so CLIP trains on the same compression artefacts."""
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     buf.seek(0)
@@ -168,6 +172,7 @@ def jpeg_roundtrip(img: Image.Image, quality: int = 90) -> Image.Image:
 
 
 def _options(split: str, options: dict) -> dict:
+    """Validated, canonical options (ints, objects as "lo-hi"): options may arrive as strings from the CLI."""
     if split not in SPLITS:
         raise DatasetError(f"shapes: unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     opts = dict(DEFAULTS[split], seed=0, objects="2-4")
@@ -194,7 +199,7 @@ def _generate(split: str, opts: dict, target: Path) -> dict:
     """Write the split's JPEGs and manifest into ``target`` (a fresh folder)."""
     rng = np.random.default_rng([opts["seed"], _SPLIT_SEED[split], GENERATOR_VERSION])
     lo, hi = (int(v) for v in opts["objects"].split("-"))
-    ids, labels, captions = [], [], []
+    ids, labels, captions, objects = [], [], [], []
     for i in range(opts["n"]):
         name = f"{split}_{i:06d}.jpg"
         if split == "captions":
@@ -204,7 +209,8 @@ def _generate(split: str, opts: dict, target: Path) -> dict:
             row[cls] = POSITIVE
             captions.append(f"{colour} {CLASSES[cls]}")
         else:
-            img, row = render_multi(rng, opts["size"], int(rng.integers(lo, hi + 1)))
+            img, row, objs = render_multi(rng, opts["size"], int(rng.integers(lo, hi + 1)))
+            objects.append(objs)
         img.save(target / name, format="JPEG", quality=90)
         ids.append(name)
         labels.append(row.tolist())
@@ -212,35 +218,55 @@ def _generate(split: str, opts: dict, target: Path) -> dict:
                 "ids": ids, "labels": labels}
     if captions:
         manifest["captions"] = captions
+    if objects:
+        manifest["objects"] = objects
     (target / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return manifest
 
 
 def default_root() -> Path:
+    """``$CDUL_FAST_CACHE/shapes`` or ``~/.cache/cdul-fast/shapes``: the world needs no --root."""
     base = os.environ.get("CDUL_FAST_CACHE")
     return (Path(base) if base else Path.home() / ".cache" / "cdul-fast") / "shapes"
 
 
+def _current_manifest(man_path: Path, opts: dict) -> dict | None:
+    """The manifest at ``man_path`` if it was made by this generator with ``opts``; None means regenerate."""
+    if not man_path.is_file():
+        return None
+    try:
+        man = json.loads(man_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = man.get("generator") == GENERATOR_VERSION and man.get("options") == opts
+    return man if ok else None
+
+
 def ensure_split(root: Path, split: str, opts: dict) -> dict:
-    """The split's manifest, generating the split first when it is missing or was made with other options."""
+    """The split's manifest, generating the split first when it is missing or was made with other options.
+
+    Generation happens in a hidden temporary folder that is renamed into place only when complete (its manifest is
+    written last), so an interrupted run leaves either the previous split or none, never a partial one.
+    """
     folder = root / split
-    man_path = folder / "manifest.json"
-    if man_path.is_file():
-        try:
-            man = json.loads(man_path.read_text(encoding="utf-8"))
-            if man.get("generator") == GENERATOR_VERSION and man.get("options") == opts:
-                return man
-        except ValueError:
-            pass
+    man = _current_manifest(folder / "manifest.json", opts)
+    if man is not None:
+        return man
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{split}.tmp{os.getpid()}"
+    old = root / f".{split}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    man = _generate(split, opts, tmp)
-    old = root / f".{split}.old{os.getpid()}"
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
+    try:
+        man = _generate(split, opts, tmp)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)  # put the previous complete split back
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return man
 
