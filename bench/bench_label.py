@@ -1,8 +1,8 @@
 """End-to-end `label` throughput against (a) a naive reference and (b) the bare encoder, in one run.
 
-(a) The naive reference is written the way research code usually is: PIL crops of every snippet, open_clip's own
-    preprocessing per view, one encoder forward per view, Python loops for softmax and min-max. Its outputs are
-    checked against the store (same numbers to 1e-4), so the speedup compares equal work.
+(a) The naive reference is written the way research code usually is: PIL per view, ToTensor + Normalize per view,
+    one encoder forward per view, Python loops for softmax and min-max (same view geometry as the pipeline). Its
+    outputs are checked against the store, so the speedup compares equal work.
 (b) The bare encoder runs on pre-decoded, pre-normalized view tensors at the same batch size: the upper bound the
     pipeline (decode, tiling, aggregation, store writes) should approach.
 
@@ -49,28 +49,32 @@ def make_images(root: Path, n: int, side: int, seed: int = 0) -> list[Path]:
 
 
 def naive_label(clip, paths: list[Path], grid: int, zeta: float, lam: float) -> np.ndarray:
-    """Per image: crop each snippet with PIL, preprocess with open_clip's transform, one forward per view."""
-    import open_clip
+    """Per image and per view: PIL resize of the region, ToTensor + Normalize, one encoder forward; Python loops.
 
-    cfg = clip.preprocess_cfg
-    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-    tf = open_clip.image_transform(size, is_train=False, mean=cfg["mean"], std=cfg["std"])
+    The view geometry is the pipeline's (``views.view_boxes`` + ``views.resize_crop``, open_clip's resize rule), so
+    the outputs must agree; everything else is done one item at a time, the way research code usually is.
+    """
+    from PIL import Image as PILImage
+    from torchvision.transforms import functional as TF
+
+    from cdul_fast.views import resize_crop, view_boxes
+
+    spec = ViewSpec.from_preprocess_cfg(clip.preprocess_cfg, grid)
     text = clip.encode_text(CLASSES).cpu()
     scale = clip.logit_scale
     out = np.zeros((len(paths), len(CLASSES)), dtype=np.float32)
     for r, path in enumerate(paths):
-        img = Image.open(path).convert("RGB")
-        w, h = img.size
-        crops = [img] + [img.crop((j * w / grid, i * h / grid, (j + 1) * w / grid, (i + 1) * h / grid))
-                         for i in range(grid) for j in range(grid)]
+        img = PILImage.open(path).convert("RGB")
         probs = []
-        for crop in crops:
+        for box in view_boxes(img.width, img.height, grid):
+            view = resize_crop(img, box, spec.image_size, PILImage.Resampling.BICUBIC)
+            x = TF.normalize(TF.to_tensor(view), spec.mean, spec.std).unsqueeze(0).to(clip.device)
             with torch.no_grad():
-                f = clip.model.encode_image(tf(crop).unsqueeze(0).to(clip.device)).float().cpu()[0]
+                f = clip.model.encode_image(x).float().cpu()[0]
             f = f / f.norm()
             logits = [scale * float(f @ text[c]) for c in range(len(CLASSES))]
             m = max(logits)
-            e = [np.exp(v - m) for v in logits]
+            e = [float(np.exp(v - m)) for v in logits]
             probs.append([v / sum(e) for v in e])
         for c in range(len(CLASSES)):
             g = probs[0][c]
