@@ -2,47 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from .errors import WeightsError
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from .fsutil import atomic_write
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
     """torch.save to a temporary file beside ``path``, fsync, then rename: a crash leaves the old file or the new."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                                             metadata=metadata))
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -10,7 +10,6 @@ batches an uninterrupted run computes and ends with a byte-identical file.
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from . import ops
 from .clip_loader import DEFAULT_TEMPLATE, ClipModel, load_clip
 from .datasets import MultiLabelSet, load_dataset
 from .errors import ConfigError, StoreError
+from .fsutil import save_yaml_atomic, write_text_atomic
 from .loader import make_view_source, plan_blocks
 from .reference import AGGREGATORS
 from .store import LabelStore
@@ -184,9 +184,7 @@ class _SkipLog:
             self.path.unlink(missing_ok=True)
             return
         lines = ["row\tid\treason"] + [f"{r}\t{self.ids[r]}\t{w}" for r, w in sorted(self.entries.items())]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "\n".join(lines) + "\n")
 
 
 @dataclass
@@ -291,11 +289,4 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
 
 def _save_config(cfg: LabelConfig, store_path: Path) -> None:
     """The resolved configuration beside the store (YAML), as timm saves args beside its outputs."""
-    import yaml
-
-    data = asdict(cfg)
-    data["save"] = list(cfg.save)
-    path = store_path.with_name(store_path.name + ".yaml")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    save_yaml_atomic(asdict(cfg), store_path.with_name(store_path.name + ".yaml"))

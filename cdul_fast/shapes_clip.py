@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .datasets.shapes import CLASSES, COLOURS, jpeg_roundtrip, render_single
+from .fsutil import atomic_write, write_text_atomic
 from .views import OPENAI_MEAN, OPENAI_STD
 
 MODEL_CFG = {
@@ -178,26 +179,12 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = say, log_every: int = 100
     return model.eval()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary sibling and rename, so a crash never leaves a torn file under the real name."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Weights in fp16 (the file stays a few MB); the loader casts them into the fp32 model."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda p: save_file(state, str(p)))
+    atomic_write(path, lambda p: save_file(state, str(p)))
 
 
 def sha256(path: Path) -> str:
@@ -217,7 +204,7 @@ def train(out: Path, cfg: TrainConfig = TrainConfig(), measure: bool = True,
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / WEIGHTS_NAME)
-    _write_text(out / "open_clip_config.json",
+    write_text_atomic(out / "open_clip_config.json",
                 json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}, indent=2) + "\n")
     info = {
         **asdict(cfg), "train_seconds": round(seconds, 1), "machine": _machine(cfg.threads),
@@ -226,7 +213,7 @@ def train(out: Path, cfg: TrainConfig = TrainConfig(), measure: bool = True,
     }
     if measure:
         info.update(evaluate(out, log=log))
-    _write_text(out / "train_info.json", json.dumps(info, indent=2) + "\n")
+    write_text_atomic(out / "train_info.json", json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -336,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.update_info:
             path = Path(args.clip) / "train_info.json"
             info = {**json.loads(path.read_text(encoding="utf-8")), **info}
-            _write_text(path, json.dumps(info, indent=2) + "\n")
+            write_text_atomic(path, json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
 
 

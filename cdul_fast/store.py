@@ -26,6 +26,7 @@ import numpy as np
 
 from ._backend import store_ext
 from .errors import StoreError
+from .fsutil import fsync_dir
 
 MAGIC = b"CDULSTOR"
 VERSION = 1
@@ -519,21 +520,7 @@ def _create_file(path: Path, h: _Header, meta_blob: bytes, overwrite: bool) -> N
         raise StoreError(f"cannot create label store {path}: {exc}") from exc
     finally:
         os.close(fd)  # drops the lock; open() takes it again
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the new directory entry durable (best effort: some filesystems refuse fsync on directories)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _check_layout(h: _Header, path: Path) -> None:

@@ -30,6 +30,7 @@ from .classifier import build_classifier
 from .datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
 from .errors import ConfigError, StoreError
 from .evaluate import average_precision
+from .fsutil import save_json_atomic, save_yaml_atomic
 from .imageset import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits, normalize
 from .label import resolve_device
 from .losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
@@ -223,7 +224,7 @@ class Trainer:
             self.log(f"note: no checkpoint in {self.out} yet; starting from epoch 1")
             cfg.resume = False
         self.out.mkdir(parents=True, exist_ok=True)
-        _save_yaml(asdict(cfg), self.out / "config.yaml")
+        save_yaml_atomic(asdict(cfg), self.out / "config.yaml")
         meta = {"kind": "cdul-train", "source": str(Path(cfg.labels).resolve()), "array": cfg.labels_array}
         self.store = _create_run_store(self.out / "labels.cdul", src, cfg.labels_array, meta)
 
@@ -396,7 +397,7 @@ class Trainer:
                 "method": self.cfg.method, "epochs": self.cfg.epochs, "history": self.history[-1:]}
         save_safetensors_atomic(self.model.state_dict(), self.out / "model.safetensors",
                                 {"cdul_fast": json.dumps(info)})
-        _save_json(info, self.out / "model.json")
+        save_json_atomic(info, self.out / "model.json")
 
 
 def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
@@ -420,20 +421,6 @@ def _format_row(row: dict) -> str:
         parts.append(f"test mAP {row['test_map']:.2f}")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts)
-
-
-def _save_yaml(data: dict, path: Path) -> None:
-    import yaml
-
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _save_json(data: dict, path: Path) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    tmp.replace(path)
 
 
 def _plot(history: list[dict], path: Path) -> None:

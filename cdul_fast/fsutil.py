@@ -1,0 +1,51 @@
+"""Crash-safe file writes shared by every stage: write a temporary sibling, fsync, rename, fsync the folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a new directory entry durable (best effort: some filesystems refuse fsync on directories)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename onto ``path``: a crash leaves the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_yaml_atomic(data: dict, path: str | Path) -> None:
+    """Plain-data YAML (round-tripped through JSON so tuples and numpy scalars become lists and numbers)."""
+    import yaml
+
+    write_text_atomic(path, yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=True))
+
+
+def save_json_atomic(data: dict, path: str | Path) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
