@@ -263,9 +263,9 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
                 skips.save()
     except KeyboardInterrupt:
         bar.close()
+        left = int(store.pending_rows().size)
         store.close()
         skips.save()
-        left = int(store.pending_rows().size) if hasattr(store, "pending_rows") else -1
         log(f"interrupted: the store is consistent, {left} images left; continue with the same command and --resume")
         raise
     finally:

@@ -130,20 +130,20 @@ def test_aggregator_choice_changes_final(tmp_path, image_folder, clip):
     np.testing.assert_allclose(final.sum(axis=1), 1.0, atol=1e-5)  # a softmax row
 
 
-_KILLER = """
+_SIGNALLER = """
 import os, signal, sys
 import cdul_fast.label as L
 count = {"n": 0}
 orig = L._write_runs
-def dying(store, rows, values):
+def signalled(store, rows, values):
     orig(store, rows, values)
     count["n"] += 1
-    if count["n"] == int(os.environ["KILL_AFTER"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-L._write_runs = dying
+    if count["n"] == int(os.environ["SIGNAL_AFTER"]):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+L._write_runs = signalled
 from cdul_fast.cli import main
 sys.exit(main(sys.argv[1:]))
-"""
+"""  # runs `cdul-fast` with its arguments and sends itself $SIGNAL after $SIGNAL_AFTER store writes
 
 
 def _cli_args(out: Path, root: Path, *extra: str) -> list[str]:
@@ -158,8 +158,8 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, image_folder, seed):
     whole = tmp_path / "whole.cdul"
     killed = tmp_path / "killed.cdul"
     kill_after = int(np.random.default_rng(seed).integers(1, 6))  # a random point among the 6 batches
-    env = {**os.environ, "KILL_AFTER": str(kill_after)}
-    proc = subprocess.run([sys.executable, "-c", _KILLER, *_cli_args(killed, image_folder)], env=env,
+    env = {**os.environ, "SIGNAL": "SIGKILL", "SIGNAL_AFTER": str(kill_after)}
+    proc = subprocess.run([sys.executable, "-c", _SIGNALLER, *_cli_args(killed, image_folder)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
     with LabelStore.open(killed) as st:  # torn: not clean, partly done
@@ -226,26 +226,10 @@ def test_cli_errors_are_one_line(tmp_path, image_folder, capsys):
     assert "missing.cdul" in capsys.readouterr().err
 
 
-_INTERRUPTER = """
-import os, signal, sys
-import cdul_fast.label as L
-count = {"n": 0}
-orig = L._write_runs
-def interrupted(store, rows, values):
-    orig(store, rows, values)
-    count["n"] += 1
-    if count["n"] == 2:
-        os.kill(os.getpid(), signal.SIGINT)
-L._write_runs = interrupted
-from cdul_fast.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_ctrl_c_leaves_a_clean_store_and_says_how_to_resume(tmp_path, image_folder):
     out = tmp_path / "int.cdul"
-    proc = subprocess.run([sys.executable, "-c", _INTERRUPTER, *_cli_args(out, image_folder)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _SIGNALLER, *_cli_args(out, image_folder)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "SIGNAL": "SIGINT", "SIGNAL_AFTER": "2"})
     assert proc.returncode == 130
     assert "--resume" in proc.stdout + proc.stderr
     with LabelStore.open(out) as st:  # checksums verified: closed cleanly
