@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--aggregator", choices=["global", "avg", "max", "cdul"], help="aggregator stored as 'final' (Table 3)")
     f.add("--save", type=_csv, help="extra arrays to store, comma-separated: global,aggregate,cdul,avg,max")
     f.add("--batch-size", type=int, help="images per encoder batch; a resumed run must use the same value")
-    f.add("--decoder", choices=["auto", "dali", "torchvision"], help="image decode + tiling path")
+    f.add("--decoder", choices=["auto", "dali", "nvjpeg", "torchvision"],
+          help="image decode + tiling path: dali (DALI, GPU or CPU), nvjpeg (torchvision.io decode + PIL-exact "
+               "tiling on the label device), torchvision (PIL in worker processes); auto = dali, else nvjpeg on "
+               "CUDA, torchvision on CPU")
     f.add("--workers", type=int, help="decode workers")
     f.add("--device", help="auto, cpu, cuda or cuda:N")
     f.add("--backend", choices=["auto", "triton", "torch"], help="aggregation kernel")

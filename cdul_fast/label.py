@@ -164,6 +164,43 @@ def _write_runs(store: LabelStore, rows: np.ndarray, values: dict[str, np.ndarra
         store.write(int(rows[seg[0]]), {k: v[seg] for k, v in values.items()})
 
 
+class _DeferredWriter:
+    """Store writes one block behind the compute, so on CUDA they overlap the next block's encoder work.
+
+    A block's scores are copied to pinned host buffers asynchronously (on CPU: plain copies) and written only after
+    the *next* block has been queued, so the device never waits for the store. The same deferral runs on CPU, where
+    the tests exercise it.
+    """
+
+    def __init__(self, store: LabelStore, device: torch.device) -> None:
+        self.store = store
+        self.cuda = device.type == "cuda"
+        self.pending: tuple[np.ndarray, dict[str, torch.Tensor], object] | None = None
+
+    def submit(self, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
+        host, done = {}, None
+        for k, v in values.items():
+            host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda)
+            host[k].copy_(v, non_blocking=self.cuda)
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        previous, self.pending = self.pending, (rows, host, done)
+        self._write(previous)
+
+    def drain(self) -> None:
+        previous, self.pending = self.pending, None
+        self._write(previous)
+
+    def _write(self, item) -> None:
+        if item is None:
+            return
+        rows, host, done = item
+        if done is not None:
+            done.synchronize()
+        _write_runs(self.store, rows, {k: v.numpy() for k, v in host.items()})
+
+
 class _SkipLog:
     """Rows whose image could not be decoded, with reasons, kept in ``<store>.skipped.tsv`` across resumes."""
 
@@ -240,6 +277,7 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
     done_now = skipped_now = 0
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean close as Ctrl-C
+    writer = _DeferredWriter(store, device)
     try:
         for n, batch in enumerate(source.batches(blocks)):
             for row, why in batch.failed:
@@ -254,15 +292,18 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
                 scores = ops.aggregate_scores(cos, scale, cfg.zeta, cfg.lam, outputs, backend=cfg.backend)
                 values = {"final": scores[cfg.aggregator]}
                 values.update({a: scores[a] for a in arrays if a != "final"})
-                _write_runs(store, batch.rows, {k: v.cpu().numpy() for k, v in values.items()})
+                writer.submit(batch.rows, values)
             done_now += int(batch.rows.size)
             skipped_now += len(batch.failed)
             bar.update(int(batch.rows.size) + len(batch.failed))
             if cfg.flush_every and (n + 1) % cfg.flush_every == 0:
+                writer.drain()
                 store.flush()
                 skips.save()
+        writer.drain()
     except KeyboardInterrupt:
         bar.close()
+        writer.drain()  # the last computed block is written, so --resume does not redo it
         left = int(store.pending_rows().size)
         store.close()
         skips.save()

@@ -18,7 +18,7 @@ import torch
 from .errors import CdulError, ConfigError
 from .views import ViewSpec, load_rgb, pil_views
 
-DECODERS = ("auto", "dali", "torchvision")
+DECODERS = ("auto", "dali", "nvjpeg", "torchvision")
 
 
 @dataclass
@@ -103,17 +103,28 @@ class TorchvisionViews:
 
 def make_view_source(decoder: str, paths: Sequence[Path], spec: ViewSpec, device: torch.device,
                      batch_size: int, num_workers: int | None = None):
-    """The decoder named by ``--decoder``: auto = DALI when installed (GPU decode on CUDA), else torchvision/PIL."""
+    """The decoder named by ``--decoder``.
+
+    auto = on CUDA, DALI when installed, else nvjpeg (torchvision.io decode + tiling on the GPU); on CPU, torchvision
+    (PIL in DataLoader workers, the fastest CPU path). All of them cut the same regions to the same sizes.
+    """
     from ._backend import has_dali
 
     if decoder not in DECODERS:
         raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if decoder == "auto":
-        decoder = "dali" if has_dali() and device.type == "cuda" else "torchvision"
+        if device.type == "cuda":
+            decoder = "dali" if has_dali() else "nvjpeg"
+        else:
+            decoder = "torchvision"
     if decoder == "dali":
         if not has_dali():
             raise ConfigError("--decoder dali needs NVIDIA DALI: pip install 'cdul-fast[dali]' (nvidia-dali-cuda130)")
         from .dali_views import DaliViews
 
         return DaliViews(paths, spec, batch_size=batch_size, device=device, num_threads=num_workers)
+    if decoder == "nvjpeg":
+        from .tensor_views import NvjpegViews
+
+        return NvjpegViews(paths, spec, device=device, num_threads=num_workers)
     return TorchvisionViews(paths, spec, num_workers=num_workers, pin_memory=device.type == "cuda")

@@ -1,0 +1,330 @@
+"""Views cut on the label device: torchvision.io JPEG decode (nvJPEG on CUDA) + PIL-exact resampling with matmuls.
+
+PIL resamples in two separable passes (horizontal, then vertical), each a sum of 8-bit pixels times fixed-point
+coefficients (22 fractional bits) rounded and clipped back to 8 bits. A pass is therefore a matrix product with an
+integer-valued coefficient matrix followed by a shift: done here in float64 (every partial sum is an integer below
+2^53, so the result is exact), batched over views as two ``bmm`` per view group. On CPU this reproduces
+``views.pil_views`` bit for bit; on CUDA the only difference left is nvJPEG's decode versus libjpeg-turbo's.
+
+Coefficients are computed in numpy with PIL's own operation order (``precompute_coeffs`` + ``normalize_coeffs_8bpc``
+in libImaging/Resample.c: float32 box edges, double filter, sequential normalisation sum, round-half-away), only
+for the output rows/columns the center crop keeps.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import queue
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import CdulError, ConfigError, ImageDecodeError
+from .loader import ViewBatch, default_workers
+from .views import DECODE_ERRORS, ViewSpec, decode_error, load_rgb, view_geometry
+
+PRECISION_BITS = 22  # PIL: 32 - 8 - 2
+_ONE = float(1 << PRECISION_BITS)
+_HALF = float(1 << (PRECISION_BITS - 1))
+_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}
+TENSOR_INTERPOLATIONS = tuple(_SUPPORT)
+
+
+def _filter(x: np.ndarray, interpolation: str) -> np.ndarray:
+    """PIL's filter functions, vectorised (same expressions, float64)."""
+    ax = np.abs(x)
+    if interpolation == "bilinear":
+        return np.where(ax < 1.0, 1.0 - ax, 0.0)
+    if interpolation == "bicubic":
+        a = -0.5
+        inner = ((a + 2.0) * ax - (a + 3.0)) * ax * ax + 1
+        outer = (((ax - 5) * ax + 8) * ax - 4) * a
+        return np.where(ax < 1.0, inner, np.where(ax < 2.0, outer, 0.0))
+    if interpolation == "lanczos":
+        def sinc(v: np.ndarray) -> np.ndarray:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                pv = v * math.pi
+                return np.where(v == 0.0, 1.0, np.sin(pv) / pv)
+
+        return np.where((x >= -3.0) & (x < 3.0), sinc(x) * sinc(x / 3), 0.0)
+    raise ConfigError(f"interpolation {interpolation!r} has no tensor resampler; use one of {TENSOR_INTERPOLATIONS}")
+
+
+def pil_coefficients(in_size: int, in0: np.ndarray, in1: np.ndarray, out_size: np.ndarray, keep0: np.ndarray,
+                     keep: int, interpolation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fixed-point coefficients of PIL's resize of [in0, in1) to ``out_size``, for outputs ``keep0 .. keep0+keep``.
+
+    Vectorised over views: ``in0, in1, out_size, keep0`` are [Vg] arrays. Returns ``(xmin int64 [Vg, keep],
+    count int64 [Vg, keep], k float64 [Vg, keep, ksize])``: output ``i`` of view ``v`` is
+    ``sum_{t < count} k[v, i, t] * in[xmin[v, i] + t]`` (then ``+ 2^21 >> 22``, clipped to 0..255); ``k`` holds
+    integers, zero from ``count`` on.
+    """
+    f0 = np.asarray(in0, dtype=np.float32)
+    f1 = np.asarray(in1, dtype=np.float32)
+    scale = (f1 - f0).astype(np.float64) / np.asarray(out_size, dtype=np.float64)  # C: float edges, double ratio
+    filterscale = np.maximum(scale, 1.0)
+    support = _SUPPORT[interpolation] * filterscale
+    ksize = int(np.ceil(support).max()) * 2 + 1
+    xx = np.asarray(keep0, dtype=np.float64)[:, None] + np.arange(keep, dtype=np.float64)[None, :]
+    center = f0.astype(np.float64)[:, None] + (xx + 0.5) * scale[:, None]
+    ss = (1.0 / filterscale)[:, None, None]
+    xmin = np.maximum(np.trunc(center - support[:, None] + 0.5).astype(np.int64), 0)  # C (int) truncates
+    count = np.minimum(np.trunc(center + support[:, None] + 0.5).astype(np.int64), in_size) - xmin
+    t = np.arange(ksize, dtype=np.int64)
+    valid = t[None, None, :] < count[:, :, None]
+    arg = ((t[None, None, :] + xmin[:, :, None]) - center[:, :, None] + 0.5) * ss
+    w = np.where(valid, _filter(arg, interpolation), 0.0)
+    ww = np.zeros(w.shape[:2], dtype=np.float64)
+    for j in range(ksize):  # PIL's sequential sum (order matters for the last bit)
+        ww = ww + w[:, :, j]
+    w = np.where((ww != 0.0)[:, :, None], w / np.where(ww == 0.0, 1.0, ww)[:, :, None], w)
+    k = np.trunc(np.where(w < 0, -0.5 + w * _ONE, 0.5 + w * _ONE))
+    return xmin, count, np.where(valid, k, 0.0)
+
+
+@dataclass(frozen=True)
+class _AxisPlan:
+    """One axis of one view group: window starts [Vg], width, and compact coefficients relative to the window."""
+
+    starts: np.ndarray  # int64 [Vg]
+    width: int
+    cols: np.ndarray  # int64 [Vg, S, ksize]: column inside the window (unique per output; padded past width)
+    k: np.ndarray  # float64 [Vg, S, ksize]
+
+    def dense(self, device: torch.device) -> torch.Tensor:
+        """float64 [Vg, S, width] coefficient matrices, built on ``device`` from the compact form (one scatter)."""
+        vg, s, ksize = self.k.shape
+        m = torch.zeros((vg, s, self.width + ksize), dtype=torch.float64, device=device)
+        m.scatter_(2, torch.as_tensor(self.cols, device=device), torch.as_tensor(self.k, device=device))
+        return m[:, :, :self.width]
+
+
+def _axis_plan(in_size: int, boxes: np.ndarray, sizes: np.ndarray, offsets: np.ndarray, out: int,
+               interpolation: str) -> _AxisPlan:
+    xmin, count, k = pil_coefficients(in_size, boxes[:, 0], boxes[:, 1], sizes, offsets, out, interpolation)
+    lo = xmin.min(axis=1)
+    width = int(((xmin + count).max(axis=1) - lo).max())
+    starts = np.minimum(lo, in_size - width)
+    cols = (xmin - starts[:, None])[:, :, None] + np.arange(k.shape[2])[None, None, :]
+    return _AxisPlan(starts=starts, width=width, cols=cols, k=k)
+
+
+@functools.lru_cache(maxsize=2048)
+def _image_plan(height: int, width: int, spec: ViewSpec) -> tuple[tuple[np.ndarray, _AxisPlan, _AxisPlan], ...]:
+    """Per view group (the whole image; the grid cells): view indices, row plan, column plan. Cached per size:
+    collections repeat a few image sizes, and the plan depends on nothing else."""
+    g = view_geometry(width, height, spec)
+    plans = []
+    # the whole image and the grid cells differ ~G-fold in extent: one batched group each keeps the windows tight
+    for group in (np.arange(1), np.arange(1, len(g))):
+        if group.size == 0:
+            continue
+        gg = g[group]
+        rows = _axis_plan(height, gg[:, [0, 2]], gg[:, 4], gg[:, 6], spec.image_size, spec.interpolation)
+        cols = _axis_plan(width, gg[:, [1, 3]], gg[:, 5], gg[:, 7], spec.image_size, spec.interpolation)
+        plans.append((group, rows, cols))
+    return tuple(plans)
+
+
+def _round_clip(acc: torch.Tensor) -> torch.Tensor:
+    """PIL's ``clip8((acc + 2^21) >> 22)`` on exact float64 integer sums."""
+    return torch.floor((acc + _HALF) * (1.0 / _ONE)).clamp_(0.0, 255.0)
+
+
+def resample_views(img: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
+    """uint8 [H, W, 3] (any device) -> uint8 [V, S, S, 3], exactly as ``views.pil_views`` cuts and resamples it."""
+    if spec.interpolation not in _SUPPORT:
+        raise ConfigError(f"the nvjpeg decoder resamples with {', '.join(TENSOR_INTERPOLATIONS)}; this CLIP asks "
+                          f"for {spec.interpolation!r}: use --decoder torchvision")
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 [H, W, 3] image, got {img.dtype} {tuple(img.shape)}")
+    h_in, w_in = int(img.shape[0]), int(img.shape[1])
+    if h_in < 1 or w_in < 1:
+        raise ImageDecodeError(f"image has no pixels ({w_in}x{h_in})")
+    size, dev = spec.image_size, img.device
+    out = torch.empty((spec.num_views, size, size, 3), dtype=torch.uint8, device=dev)
+    src = img.to(torch.float64)
+    for group, rp, cp in _image_plan(h_in, w_in, spec):
+        rows = torch.as_tensor(rp.starts[:, None] + np.arange(rp.width)[None, :], device=dev)
+        cols = torch.as_tensor(cp.starts[:, None] + np.arange(cp.width)[None, :], device=dev)
+        win = src[rows[:, :, None], cols[:, None, :]]  # [Vg, nr, nc, 3]
+        vg, nr, nc, _ = win.shape
+        # horizontal pass: [Vg, nr*3, nc] @ [Vg, nc, S] -> [Vg, nr, 3, S]
+        tmp = torch.bmm(win.permute(0, 1, 3, 2).reshape(vg, nr * 3, nc), cp.dense(dev).transpose(1, 2))
+        tmp = _round_clip(tmp).view(vg, nr, 3 * size)
+        # vertical pass: [Vg, S, nr] @ [Vg, nr, 3*S] -> [Vg, S, 3, S]
+        res = _round_clip(torch.bmm(rp.dense(dev), tmp)).view(vg, size, 3, size).permute(0, 1, 3, 2)
+        out[int(group[0]):int(group[-1]) + 1] = res.to(torch.uint8)
+    return out
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def exif_orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1..8) to an HWC tensor the way ``PIL.ImageOps.exif_transpose`` does."""
+    if orientation == 2:
+        return img.flip(1)
+    if orientation == 3:
+        return img.flip(0, 1)
+    if orientation == 4:
+        return img.flip(0)
+    if orientation == 5:
+        return img.permute(1, 0, 2)
+    if orientation == 6:
+        return torch.rot90(img, k=-1, dims=(0, 1))
+    if orientation == 7:
+        return img.permute(1, 0, 2).flip(0, 1)
+    if orientation == 8:
+        return torch.rot90(img, k=1, dims=(0, 1))
+    return img
+
+
+def _probe(data: bytes) -> tuple[bool, int, int, int]:
+    """(decodable by decode_jpeg as RGB, oriented width, oriented height, EXIF orientation) from the header only."""
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        orientation = int(im.getexif().get(0x0112, 1)) if im.format in ("JPEG", "MPO") else 1
+        jpeg = im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L") and data[:3] == _JPEG_MAGIC
+    if orientation not in range(1, 9):
+        orientation = 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return jpeg, w, h, orientation
+
+
+def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+        out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    return list(out)
+
+
+class NvjpegViews:
+    """JPEG decode with ``torchvision.io.decode_jpeg`` on the label device (nvJPEG on CUDA, libjpeg-turbo on CPU),
+    then PIL-exact tiling there; a background thread keeps ``prefetch`` blocks ready (its own CUDA stream).
+
+    Files that are not plain RGB/grayscale JPEG (PNG, CMYK, ...) or that nvJPEG rejects go through PIL for that
+    image only; undecodable files leave the block with a reason.
+    """
+
+    name = "nvjpeg"
+
+    def __init__(self, paths: Sequence[Path], spec: ViewSpec, device: torch.device, num_threads: int | None = None,
+                 prefetch: int = 2) -> None:
+        if spec.interpolation not in _SUPPORT:
+            raise ConfigError(f"--decoder nvjpeg resamples with {', '.join(TENSOR_INTERPOLATIONS)}; this CLIP asks "
+                              f"for {spec.interpolation!r}: use --decoder torchvision")
+        self.paths = list(paths)
+        self.spec = spec
+        self.device = device
+        self.num_threads = num_threads or default_workers()
+        self.prefetch = prefetch
+
+    def _read(self, row: int) -> tuple[int, bytes | None, tuple | None, str]:
+        try:
+            data = Path(self.paths[row]).read_bytes()
+            return row, data, _probe(data), ""
+        except DECODE_ERRORS as exc:
+            return row, None, None, str(decode_error(self.paths[row], exc))
+
+    def _pil_image(self, row: int) -> torch.Tensor:
+        arr = np.array(load_rgb(self.paths[row]), dtype=np.uint8)  # a writable copy
+        return torch.from_numpy(arr).to(self.device)
+
+    def _run_block(self, k: int, block: np.ndarray, pool) -> ViewBatch:
+        items = list(pool.map(self._read, block.tolist()))
+        failed = [(r, why) for r, data, _, why in items if data is None]
+        ok = [(r, data, probe) for r, data, probe, _ in items if data is not None]
+        jpeg_idx = [i for i, (_, _, p) in enumerate(ok) if p[0]]
+        decoded: dict[int, torch.Tensor] = {}
+        if jpeg_idx:
+            datas = [torch.frombuffer(bytearray(ok[i][1]), dtype=torch.uint8) for i in jpeg_idx]
+            try:
+                imgs = _decode_jpegs(datas, self.device)
+                decoded.update({i: im for i, im in zip(jpeg_idx, imgs, strict=True)})
+            except RuntimeError:  # one bad file fails the whole batched call: retry one by one
+                for i, d in zip(jpeg_idx, datas, strict=True):
+                    try:
+                        decoded[i] = _decode_jpegs([d], self.device)[0]
+                    except RuntimeError:
+                        pass  # PIL below gives the image a second chance (and the error message)
+        rows, views = [], []
+        for i, (r, _, probe) in enumerate(ok):
+            try:
+                if i in decoded:
+                    img = exif_orient(decoded[i].permute(1, 2, 0), probe[3])
+                else:
+                    img = self._pil_image(r)
+                views.append(resample_views(img, self.spec))
+                rows.append(r)
+            except CdulError as exc:
+                failed.append((r, str(exc)))
+            except Exception as exc:  # a decoder bug must not kill an hours-long run; the row is reported instead
+                failed.append((r, f"cannot process image {self.paths[r]}: {type(exc).__name__}: {exc}"))
+        order = np.argsort(rows, kind="stable")
+        t = (torch.stack([views[i] for i in order]) if views
+             else torch.empty((0,), dtype=torch.uint8, device=self.device))
+        return ViewBatch(block=k, rows=np.asarray(rows, dtype=np.int64)[order], views=t, failed=sorted(failed))
+
+    def batches(self, blocks: list[np.ndarray]) -> Iterator[ViewBatch]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+        cuda = self.device.type == "cuda"
+        consumer_stream = torch.cuda.current_stream(self.device) if cuda else None
+
+        def produce() -> None:
+            stream = torch.cuda.Stream(self.device) if cuda else None
+            try:
+                with ThreadPoolExecutor(self.num_threads, thread_name_prefix="cdul-read") as pool:
+                    ctx = torch.cuda.stream(stream) if cuda else _nullcontext()
+                    with ctx:
+                        for k, block in enumerate(blocks):
+                            if stop.is_set():
+                                return
+                            batch = self._run_block(k, block, pool)
+                            if cuda:
+                                batch.views.record_stream(consumer_stream)  # freed only after the consumer's use
+                                stream.synchronize()
+                            q.put(batch)
+                q.put(None)
+            except BaseException as exc:  # surfaced in the consumer thread
+                q.put(exc)
+
+        worker = threading.Thread(target=produce, name="cdul-nvjpeg", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while worker.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.05)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
