@@ -35,6 +35,20 @@ def _median_ms(fn, reps: int) -> float:
     return float(np.median(times))
 
 
+def _cuda_ms(module: torch.nn.Module, x: torch.Tensor, reps: int) -> float:
+    """The same module on the GPU (fp32, synchronised per call): the server-side reference for the CPU numbers."""
+    import copy
+
+    m, xc = copy.deepcopy(module).cuda(), x.cuda()
+
+    def call() -> None:
+        with torch.inference_mode():
+            m(xc)
+        torch.cuda.synchronize()
+
+    return _median_ms(call, reps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="clipres")
@@ -56,18 +70,24 @@ def main() -> None:
                                                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}))
         export_onnx(run, run / "m.onnx")
         module = load_trained(run).module
-        sess = ort.InferenceSession(str(run / "m.onnx"), providers=ort.get_available_providers())
+        # the provider `cdul-fast predict` uses: CUDA when onnxruntime-gpu is installed, else CPU (never "Azure")
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in ort.get_available_providers()]
+        sess = ort.InferenceSession(str(run / "m.onnx"), providers=providers)
         for b in args.batch:
             x = torch.rand(b, 3, args.size, args.size)
             xn = x.numpy()
             with torch.inference_mode():
                 t_torch = _median_ms(lambda x=x: module(x), args.reps)
             t_ort = _median_ms(lambda xn=xn: sess.run(None, {"images": xn}), args.reps)
+            t_cuda = _cuda_ms(module, x, args.reps) if torch.cuda.is_available() else None
             rows.append({**environment(), "arch": args.arch, "size": args.size, "batch": b,
                          "provider": sess.get_providers()[0], "torch_ms": round(t_torch, 2),
-                         "onnxruntime_ms": round(t_ort, 2), "speedup": round(t_torch / t_ort, 2)})
-            print(f"{args.arch} {args.size}px batch {b:>3}: torch {t_torch:8.2f} ms  onnxruntime {t_ort:8.2f} ms  "
-                  f"({t_torch / t_ort:.2f}x)", flush=True)
+                         "onnxruntime_ms": round(t_ort, 2), "speedup": round(t_torch / t_ort, 2),
+                         "torch_cuda_ms": round(t_cuda, 3) if t_cuda is not None else ""})
+            cuda = f"  (torch on CUDA {t_cuda:.3f} ms)" if t_cuda is not None else ""
+            print(f"{args.arch} {args.size}px batch {b:>3}: torch {t_torch:8.2f} ms  onnxruntime "
+                  f"[{sess.get_providers()[0]}] {t_ort:8.2f} ms  ({t_torch / t_ort:.2f}x){cuda}", flush=True)
     write_rows(Path(args.csv), rows)
 
 

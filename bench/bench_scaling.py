@@ -19,10 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_rows  # noqa: E402
 
 
-def run_one(root: Path, n: int, out: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of one labelling process."""
-    code = ("import resource, sys\nfrom cdul_fast.cli import main\nrc = main(sys.argv[1:])\n"
-            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
+def run_one(root: Path, n: int, out: Path) -> tuple[float, float, float]:
+    """(seconds, peak RSS in MiB, peak CUDA memory allocated in MiB, 0 without CUDA) of one labelling process."""
+    code = ("import resource, sys, torch\nfrom cdul_fast.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            "print('PEAK_GPU', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)\n"
+            "sys.exit(rc)\n")
     argv = ["label", "--dataset", "shapes", "--root", str(root), "--dataset-opt", f"n={n}", "--out", str(out),
             "--overwrite", "--no-progress"]
     # generate the images first so the timing covers labelling only
@@ -31,8 +33,8 @@ def run_one(root: Path, n: int, out: Path) -> tuple[float, float]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - t0
-    peak = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PEAK_KB")][0]
-    return seconds, peak / 1024.0
+    found = {line.split()[0]: int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PEAK_")}
+    return seconds, found["PEAK_KB"] / 1024.0, found["PEAK_GPU"] / 2**20
 
 
 def main() -> None:
@@ -43,14 +45,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            seconds, peak = run_one(Path(tmp) / f"shapes{n}", n, Path(tmp) / f"l{n}.cdul")
+            seconds, peak, gpu = run_one(Path(tmp) / f"shapes{n}", n, Path(tmp) / f"l{n}.cdul")
             rows.append({**environment(), "images": n, "seconds": round(seconds, 2), "img_s": round(n / seconds, 1),
-                         "peak_rss_mib": round(peak, 1)})
-            print(f"{n:>6} images  {seconds:7.1f}s  {n / seconds:7.1f} img/s  peak RSS {peak:7.1f} MiB", flush=True)
+                         "peak_rss_mib": round(peak, 1), "peak_cuda_mib": round(gpu, 1)})
+            print(f"{n:>6} images  {seconds:7.1f}s  {n / seconds:7.1f} img/s  peak RSS {peak:7.1f} MiB  "
+                  f"peak CUDA memory {gpu:7.1f} MiB", flush=True)
     write_rows(Path(args.csv), rows)
     first, last = rows[0], rows[-1]
+    gpu = (f", peak CUDA memory x{last['peak_cuda_mib'] / first['peak_cuda_mib']:.2f}"
+           if first["peak_cuda_mib"] else "")
     print(f"\n{last['images'] / first['images']:.0f}x images: time x{last['seconds'] / first['seconds']:.2f}, "
-          f"peak memory x{last['peak_rss_mib'] / first['peak_rss_mib']:.2f}")
+          f"peak memory x{last['peak_rss_mib'] / first['peak_rss_mib']:.2f}{gpu}")
 
 
 if __name__ == "__main__":
