@@ -36,6 +36,7 @@ _ONE = float(1 << PRECISION_BITS)
 _HALF = float(1 << (PRECISION_BITS - 1))
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}
 TENSOR_INTERPOLATIONS = tuple(_SUPPORT)
+_CHUNK_BYTES = 64 << 20  # float64 working set of one horizontal-pass chunk
 
 
 def _filter(x: np.ndarray, interpolation: str) -> np.ndarray:
@@ -151,18 +152,23 @@ def resample_views(img: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
         raise ImageDecodeError(f"image has no pixels ({w_in}x{h_in})")
     size, dev = spec.image_size, img.device
     out = torch.empty((spec.num_views, size, size, 3), dtype=torch.uint8, device=dev)
-    src = img.to(torch.float64)
     for group, rp, cp in _image_plan(h_in, w_in, spec):
         rows = torch.as_tensor(rp.starts[:, None] + np.arange(rp.width)[None, :], device=dev)
         cols = torch.as_tensor(cp.starts[:, None] + np.arange(cp.width)[None, :], device=dev)
-        win = src[rows[:, :, None], cols[:, None, :]]  # [Vg, nr, nc, 3]
-        vg, nr, nc, _ = win.shape
-        # horizontal pass: [Vg, nr*3, nc] @ [Vg, nc, S] -> [Vg, nr, 3, S]
-        tmp = torch.bmm(win.permute(0, 1, 3, 2).reshape(vg, nr * 3, nc), cp.dense(dev).transpose(1, 2))
-        tmp = _round_clip(tmp).view(vg, nr, 3 * size)
+        vg, nr, nc = len(group), rp.width, cp.width
+        wx_t = cp.dense(dev).transpose(1, 2)  # [Vg, nc, S]
+        # horizontal pass, [Vg, rows*3, nc] @ [Vg, nc, S], in row chunks: float64 copies of a 10000 x 10000 photo
+        # would take GBs, a chunk takes at most _CHUNK_BYTES
+        tmp = torch.empty((vg, nr, 3, size), dtype=torch.float64, device=dev)
+        step = max(1, _CHUNK_BYTES // (vg * nc * 3 * 8))
+        for r0 in range(0, nr, step):
+            r1 = min(nr, r0 + step)
+            win = img[rows[:, r0:r1, None], cols[:, None, :]].to(torch.float64)  # [Vg, r, nc, 3]
+            part = torch.bmm(win.permute(0, 1, 3, 2).reshape(vg, (r1 - r0) * 3, nc), wx_t)
+            tmp[:, r0:r1] = _round_clip(part).view(vg, r1 - r0, 3, size)
         # vertical pass: [Vg, S, nr] @ [Vg, nr, 3*S] -> [Vg, S, 3, S]
-        res = _round_clip(torch.bmm(rp.dense(dev), tmp)).view(vg, size, 3, size).permute(0, 1, 3, 2)
-        out[int(group[0]):int(group[-1]) + 1] = res.to(torch.uint8)
+        res = _round_clip(torch.bmm(rp.dense(dev), tmp.view(vg, nr, 3 * size))).view(vg, size, 3, size)
+        out[int(group[0]):int(group[-1]) + 1] = res.permute(0, 1, 3, 2).to(torch.uint8)
     return out
 
 

@@ -47,7 +47,7 @@ def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("decoder", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("decoder", ["torchvision", "nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(
     not has_dali(), reason="DALI not installed"))])
 def test_every_image_is_labelled_or_skipped_with_a_reason(tmp_path, messy, decoder, capsys):
     out = tmp_path / "m.cdul"

@@ -159,18 +159,37 @@ def test_label_store_identical_with_nvjpeg_and_torchvision_on_cpu(tmp_path):
     np.testing.assert_array_equal(finals["nvjpeg"], finals["torchvision"])
 
 
+def _photo_like(h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth colour fields plus mild noise: what cameras produce (pure noise exaggerates decoder differences)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    arr = np.asarray(coarse).astype(np.int16) + rng.integers(-4, 5, (h, w, 3), dtype=np.int16)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
 @pytest.mark.gpu
 def test_nvjpeg_on_cuda_close_to_pil(tmp_path):
-    """nvJPEG's IDCT/upsampling differ from libjpeg-turbo by a few levels; tiling itself is exact."""
-    paths = _collection(tmp_path)[:5]
+    """nvJPEG's IDCT/upsampling differ from libjpeg-turbo by a few levels; the tiling itself is exact (below)."""
+    paths = []
+    for i, (h, w) in enumerate([(120, 160), (97, 61), (375, 500)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(_photo_like(h, w, i)).save(paths[-1], quality=90)
+    paths.append(tmp_path / "rot6.jpg")
+    im = Image.fromarray(_photo_like(90, 140, 9))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(paths[-1], exif=exif.tobytes())
+    paths.append(tmp_path / "alpha.png")  # not a JPEG: decoded by PIL, uploaded, tiled on the GPU
+    Image.fromarray(np.dstack([_photo_like(64, 48, 10), _noise(64, 48, 11)[:, :, :1]]), "RGBA").save(paths[-1])
     spec = ViewSpec(64, 3)
     blocks = plan_blocks(np.arange(len(paths)), len(paths), 8)
     (ours,) = list(NvjpegViews(paths, spec, device=torch.device("cuda")).batches(blocks))
     (ref,) = list(TorchvisionViews(paths, spec, num_workers=0).batches(blocks))
-    assert ours.views.device.type == "cuda"
+    assert ours.views.device.type == "cuda" and not ours.failed
     np.testing.assert_array_equal(ours.rows, ref.rows)
     diff = (ours.views.cpu().int() - ref.views.int()).abs()
-    assert diff.float().mean() < 1.5 and diff.max() <= 40
+    assert diff.float().mean() < 1.0 and diff.max() <= 16
+    assert diff[-1].max() == 0  # the PNG went through PIL: only the (exact) tiling ran on the GPU
 
 
 @pytest.mark.gpu
@@ -183,24 +202,24 @@ def test_resample_views_on_cuda_is_bit_exact():
 
 @pytest.mark.gpu
 def test_label_on_cuda_with_nvjpeg_close_to_cpu(tmp_path):
-    """End to end on the GPU (nvJPEG decode, bf16 encoder, Triton aggregation, deferred pinned writes): every row
-    written, and the labels close to the fp32 CPU run's."""
+    """End to end on the GPU (nvJPEG decode, Triton aggregation, deferred pinned writes): every row written, and the
+    labels close to the CPU run's (fp32 encoder on both, so what differs is nvJPEG's decode and TF32 convolutions)."""
     from cdul_fast.label import LabelConfig, run_label
     from cdul_fast.store import LabelStore
 
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     for i in range(13):
-        Image.fromarray(_noise(60 + 5 * i, 90, i)).save(img_dir / f"{i}.jpg", quality=95)
+        Image.fromarray(_photo_like(60 + 5 * i, 90, i)).save(img_dir / f"{i}.jpg", quality=95)
     tiny = str(Path(__file__).parent / "data" / "tiny_clip.json")
     finals = {}
     for dev, dec in (("cuda", "nvjpeg"), ("cpu", "torchvision")):
         clip = load_clip(tiny, "random", device=dev, precision="fp32", seed=0)
         cfg = LabelConfig(out=str(tmp_path / f"{dev}.cdul"), dataset="folder", root=str(img_dir),
                           dataset_options={"classes": "a,b,c"}, grid=3, batch_size=4, decoder=dec, device=dev,
-                          progress=False, workers=0 if dev == "cpu" else 2)
+                          progress=False, workers=0 if dev == "cpu" else 2, clip_precision="fp32")
         res = run_label(cfg, log=lambda s: None, clip=clip)
         assert res.complete and res.labelled == 13
         with LabelStore.open(cfg.out) as st:
             finals[dev] = np.array(st.array("final"))
-    assert np.abs(finals["cuda"] - finals["cpu"]).max() < 0.05
+    assert np.abs(finals["cuda"] - finals["cpu"]).max() < 0.02
