@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the CUDA tests (real Triton compile, no interpreter) and every benchmark on the GPU.
 #
-#   bash bench/gpu_suite.sh            # from the repository root
-#   bash bench/gpu_suite.sh --smoke    # tiny sizes: checks the script itself (runs on CPU too)
+#   bash bench/gpu_suite.sh                      # from the repository root: every group
+#   bash bench/gpu_suite.sh tests kernels label  # only these groups (tests kernels label scaling onnx projection),
+#   bash bench/gpu_suite.sh scaling onnx projection   # e.g. two calls where one command may run 10 minutes at most
+#   bash bench/gpu_suite.sh --smoke              # tiny sizes: checks the script itself (runs on CPU too)
 #
 # Installs what is missing first: open_clip and ftfy from wheels in .whl/ (bench/fetch_wheels.sh downloads them on a
 # machine with a package registry), then this package (pip install -e ., building the C++ extension with CMake).
@@ -12,7 +14,20 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
-[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+GROUPS_WANTED=()
+for arg in "$@"; do
+  case $arg in
+    --smoke) SMOKE=1 ;;
+    tests | kernels | label | scaling | onnx | projection) GROUPS_WANTED+=("$arg") ;;
+    *) echo "unknown argument $arg (groups: tests kernels label scaling onnx projection; --smoke)"; exit 2 ;;
+  esac
+done
+want() {  # want GROUP: true when no group was named or GROUP was
+  [[ ${#GROUPS_WANTED[@]} == 0 ]] && return 0
+  local g
+  for g in "${GROUPS_WANTED[@]}"; do [[ $g == "$1" ]] && return 0; done
+  return 1
+}
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-}
 LOG=bench/results/gpu_suite.log
@@ -52,24 +67,26 @@ step environment $PY -c "from cdul_fast._backend import backend_report; print(ba
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG" || true
 
 if [[ $SMOKE == 1 ]]; then
-  step tests-gpu $PY -m pytest -q -m gpu tests/test_kernels.py tests/test_tensor_views.py
-  step kernels $PY bench/bench_kernels.py --quick
-  step label-shapes $PY bench/bench_label.py --images 16 --naive-images 2 --batch-size 8 --decoders auto,nvjpeg
-  step scaling $PY bench/bench_scaling.py --sizes 20 40
-  step onnx $PY bench/bench_onnx.py --arch clipres --size 64 --batch 1 4
-  step projection $PY bench/project_nus.py
+  want tests && step tests-gpu $PY -m pytest -q -m gpu tests/test_kernels.py tests/test_tensor_views.py
+  want kernels && step kernels $PY bench/bench_kernels.py --quick
+  want label && step label-shapes $PY bench/bench_label.py --images 16 --naive-images 2 --batch-size 8 \
+    --decoders auto,nvjpeg
+  want scaling && step scaling $PY bench/bench_scaling.py --sizes 20 40
+  want onnx && step onnx $PY bench/bench_onnx.py --arch clipres --size 64 --batch 1 4
+  want projection && step projection $PY bench/project_nus.py
 else
-  step tests-gpu env TRITON_INTERPRET=0 $PY -m pytest -q -m gpu tests/
-  step kernels $PY bench/bench_kernels.py
+  want tests && step tests-gpu env TRITON_INTERPRET=0 $PY -m pytest -q -m gpu tests/
+  want kernels && step kernels $PY bench/bench_kernels.py
   # the shipped toy CLIP (64 px views: decode-bound by design) and RN50x64 at 448 px (the paper's encoder, random
   # weights: throughput does not depend on them), NUS-WIDE-sized JPEGs (500x375)
-  step label-shapes $PY bench/bench_label.py --images 512 --side 375 --batch-size 64 --decoders nvjpeg,torchvision
-  step label-rn50x64 $PY bench/bench_label.py --images 192 --side 375 --batch-size 32 --naive-images 4 \
-    --clip RN50x64 --clip-weights random --decoders nvjpeg,torchvision
-  step scaling $PY bench/bench_scaling.py --sizes 500 1000 2000 4000
-  step onnx-resnet50 $PY bench/bench_onnx.py --arch resnet50 --size 224 --batch 1 32
-  step onnx-clipres $PY bench/bench_onnx.py --arch clipres --size 128 --batch 1 64
-  step projection $PY bench/project_nus.py
+  want label && step label-shapes $PY bench/bench_label.py --images 512 --side 375 --batch-size 64 \
+    --decoders nvjpeg,torchvision
+  want label && step label-rn50x64 $PY bench/bench_label.py --images 192 --side 375 --batch-size 32 \
+    --naive-images 4 --clip RN50x64 --clip-weights random --decoders nvjpeg,torchvision
+  want scaling && step scaling $PY bench/bench_scaling.py --sizes 500 1000 2000 4000
+  want onnx && step onnx-resnet50 $PY bench/bench_onnx.py --arch resnet50 --size 224 --batch 1 32
+  want onnx && step onnx-clipres $PY bench/bench_onnx.py --arch clipres --size 128 --batch 1 64
+  want projection && step projection $PY bench/project_nus.py
 fi
 
 if [[ -n "$OUTDIR" ]]; then
