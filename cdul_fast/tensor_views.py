@@ -13,6 +13,7 @@ for the output rows/columns the center crop keeps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -295,7 +296,7 @@ class NvjpegViews:
             stream = torch.cuda.Stream(self.device) if cuda else None
             try:
                 with ThreadPoolExecutor(self.num_threads, thread_name_prefix="cdul-read") as pool:
-                    ctx = torch.cuda.stream(stream) if cuda else _nullcontext()
+                    ctx = torch.cuda.stream(stream) if cuda else contextlib.nullcontext()
                     with ctx:
                         for k, block in enumerate(blocks):
                             if stop.is_set():
@@ -327,10 +328,3 @@ class NvjpegViews:
                 except queue.Empty:
                     worker.join(timeout=0.05)
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
