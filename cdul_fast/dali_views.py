@@ -9,8 +9,6 @@ A block DALI cannot decode is redone through PIL, image by image, so one bad fil
 from __future__ import annotations
 
 import io
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch
 from PIL import Image
 
 from .errors import CdulError
-from .loader import ViewBatch, default_workers
+from .loader import ViewBatch, default_workers, prefetched
 from .views import DECODE_ERRORS, ViewSpec, decode_error, load_rgb, pil_views, view_geometry
 
 _ORIENT_SWAP = {5, 6, 7, 8}  # EXIF orientations that transpose width and height
@@ -132,33 +130,4 @@ class DaliViews:
         return ViewBatch(block=k, rows=np.asarray(rows, dtype=np.int64), views=views, failed=failed)
 
     def batches(self, blocks: list[np.ndarray]) -> Iterator[ViewBatch]:
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
-
-        def produce() -> None:
-            try:
-                for k, block in enumerate(blocks):
-                    if stop.is_set():
-                        return
-                    q.put(self._run_block(k, block))
-                q.put(None)
-            except BaseException as exc:  # surfaced in the consumer thread
-                q.put(exc)
-
-        worker = threading.Thread(target=produce, name="cdul-dali", daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while worker.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    worker.join(timeout=0.05)
+        return prefetched(lambda: (self._run_block(k, b) for k, b in enumerate(blocks)), self.prefetch, "cdul-dali")

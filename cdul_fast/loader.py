@@ -7,8 +7,11 @@ store. Images that cannot be decoded leave their block with a reason instead of 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +40,46 @@ def plan_blocks(pending: np.ndarray, total: int, block_size: int) -> list[np.nda
         raise ConfigError(f"batch size must be >= 1, got {block_size}")
     ks = np.unique(np.asarray(pending, dtype=np.int64) // block_size)
     return [np.arange(k * block_size, min((k + 1) * block_size, total), dtype=np.int64) for k in ks]
+
+
+def prefetched(produce: Callable[[], Iterator[ViewBatch]], depth: int, name: str) -> Iterator[ViewBatch]:
+    """The items of the generator ``produce()``, computed in a background thread up to ``depth`` items ahead.
+
+    An error in the thread is raised in the consumer; a consumer that stops early (Ctrl-C, an error) tells the
+    thread to stop and drains the queue, so the thread never blocks forever on a full queue.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def run() -> None:
+        try:
+            with contextlib.closing(produce()) as items:
+                for item in items:
+                    if stop.is_set():
+                        return
+                    q.put(item)
+            q.put(end)
+        except BaseException as exc:  # surfaced in the consumer thread
+            q.put(exc)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.05)
 
 
 def default_workers() -> int:

@@ -17,8 +17,6 @@ import contextlib
 import functools
 import io
 import math
-import queue
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ import torch
 from PIL import Image
 
 from .errors import CdulError, ConfigError, ImageDecodeError
-from .loader import ViewBatch, default_workers
+from .loader import ViewBatch, default_workers, prefetched
 from .views import DECODE_ERRORS, ViewSpec, decode_error, load_rgb, view_geometry
 
 PRECISION_BITS = 22  # PIL: 32 - 8 - 2
@@ -141,11 +139,16 @@ def _round_clip(acc: torch.Tensor) -> torch.Tensor:
     return torch.floor((acc + _HALF) * (1.0 / _ONE)).clamp_(0.0, 255.0)
 
 
+def check_interpolation(spec: ViewSpec) -> None:
+    """PIL's NEAREST resize is not a filter of the two-pass kind: the tensor path refuses it with a way out."""
+    if spec.interpolation not in _SUPPORT:
+        raise ConfigError(f"--decoder nvjpeg resamples with {', '.join(TENSOR_INTERPOLATIONS)}; this CLIP asks "
+                          f"for {spec.interpolation!r}: use --decoder torchvision")
+
+
 def resample_views(img: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
     """uint8 [H, W, 3] (any device) -> uint8 [V, S, S, 3], exactly as ``views.pil_views`` cuts and resamples it."""
-    if spec.interpolation not in _SUPPORT:
-        raise ConfigError(f"the nvjpeg decoder resamples with {', '.join(TENSOR_INTERPOLATIONS)}; this CLIP asks "
-                          f"for {spec.interpolation!r}: use --decoder torchvision")
+    check_interpolation(spec)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != torch.uint8:
         raise ValueError(f"expected a uint8 [H, W, 3] image, got {img.dtype} {tuple(img.shape)}")
     h_in, w_in = int(img.shape[0]), int(img.shape[1])
@@ -173,9 +176,6 @@ def resample_views(img: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
     return out
 
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-
-
 def exif_orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation (1..8) to an HWC tensor the way ``PIL.ImageOps.exif_transpose`` does."""
     if orientation == 2:
@@ -195,17 +195,13 @@ def exif_orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img
 
 
-def _probe(data: bytes) -> tuple[bool, int, int, int]:
-    """(decodable by decode_jpeg as RGB, oriented width, oriented height, EXIF orientation) from the header only."""
+def _probe(data: bytes) -> tuple[bool, int]:
+    """(decode_jpeg can decode it as RGB: a baseline/progressive RGB or grayscale JPEG, EXIF orientation 1..8),
+    from the header only."""
     with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
-        orientation = int(im.getexif().get(0x0112, 1)) if im.format in ("JPEG", "MPO") else 1
-        jpeg = im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L") and data[:3] == _JPEG_MAGIC
-    if orientation not in range(1, 9):
-        orientation = 1
-    if orientation in (5, 6, 7, 8):
-        w, h = h, w
-    return jpeg, w, h, orientation
+        jpeg = im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L")
+        orientation = int(im.getexif().get(0x0112, 1)) if jpeg else 1
+    return jpeg, orientation if orientation in range(1, 9) else 1
 
 
 def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -229,9 +225,7 @@ class NvjpegViews:
 
     def __init__(self, paths: Sequence[Path], spec: ViewSpec, device: torch.device, num_threads: int | None = None,
                  prefetch: int = 2) -> None:
-        if spec.interpolation not in _SUPPORT:
-            raise ConfigError(f"--decoder nvjpeg resamples with {', '.join(TENSOR_INTERPOLATIONS)}; this CLIP asks "
-                              f"for {spec.interpolation!r}: use --decoder torchvision")
+        check_interpolation(spec)
         self.paths = list(paths)
         self.spec = spec
         self.device = device
@@ -270,7 +264,7 @@ class NvjpegViews:
         for i, (r, _, probe) in enumerate(ok):
             try:
                 if i in decoded:
-                    img = exif_orient(decoded[i].permute(1, 2, 0), probe[3])
+                    img = exif_orient(decoded[i].permute(1, 2, 0), probe[1])
                 else:
                     img = self._pil_image(r)
                 views.append(resample_views(img, self.spec))
@@ -279,52 +273,24 @@ class NvjpegViews:
                 failed.append((r, str(exc)))
             except Exception as exc:  # a decoder bug must not kill an hours-long run; the row is reported instead
                 failed.append((r, f"cannot process image {self.paths[r]}: {type(exc).__name__}: {exc}"))
-        order = np.argsort(rows, kind="stable")
-        t = (torch.stack([views[i] for i in order]) if views
-             else torch.empty((0,), dtype=torch.uint8, device=self.device))
-        return ViewBatch(block=k, rows=np.asarray(rows, dtype=np.int64)[order], views=t, failed=sorted(failed))
+        t = torch.stack(views) if views else torch.empty((0,), dtype=torch.uint8, device=self.device)
+        return ViewBatch(block=k, rows=np.asarray(rows, dtype=np.int64), views=t, failed=sorted(failed))
 
     def batches(self, blocks: list[np.ndarray]) -> Iterator[ViewBatch]:
         from concurrent.futures import ThreadPoolExecutor
 
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
         cuda = self.device.type == "cuda"
         consumer_stream = torch.cuda.current_stream(self.device) if cuda else None
 
-        def produce() -> None:
+        def produce() -> Iterator[ViewBatch]:
             stream = torch.cuda.Stream(self.device) if cuda else None
-            try:
-                with ThreadPoolExecutor(self.num_threads, thread_name_prefix="cdul-read") as pool:
-                    ctx = torch.cuda.stream(stream) if cuda else contextlib.nullcontext()
-                    with ctx:
-                        for k, block in enumerate(blocks):
-                            if stop.is_set():
-                                return
-                            batch = self._run_block(k, block, pool)
-                            if cuda:
-                                batch.views.record_stream(consumer_stream)  # freed only after the consumer's use
-                                stream.synchronize()
-                            q.put(batch)
-                q.put(None)
-            except BaseException as exc:  # surfaced in the consumer thread
-                q.put(exc)
+            with (ThreadPoolExecutor(self.num_threads, thread_name_prefix="cdul-read") as pool,
+                  torch.cuda.stream(stream) if cuda else contextlib.nullcontext()):
+                for k, block in enumerate(blocks):
+                    batch = self._run_block(k, block, pool)
+                    if cuda:
+                        batch.views.record_stream(consumer_stream)  # freed only after the consumer's use
+                        stream.synchronize()
+                    yield batch
 
-        worker = threading.Thread(target=produce, name="cdul-nvjpeg", daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while worker.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    worker.join(timeout=0.05)
-
+        return prefetched(produce, self.prefetch, "cdul-nvjpeg")

@@ -223,3 +223,39 @@ def test_label_on_cuda_with_nvjpeg_close_to_cpu(tmp_path):
         with LabelStore.open(cfg.out) as st:
             finals[dev] = np.array(st.array("final"))
     assert np.abs(finals["cuda"] - finals["cpu"]).max() < 0.02
+
+
+def test_prefetched_raises_thread_errors_and_stops_on_early_exit():
+    """The background producer shared by the DALI and nvjpeg decoders: its errors reach the consumer, and a consumer
+    that stops early leaves no thread blocked on a full queue."""
+    import threading
+    import time
+
+    from cdul_fast.loader import prefetched
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    it = prefetched(failing, depth=2, name="t-fail")
+    assert next(it) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = prefetched(endless, depth=2, name="t-endless")
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # the consumer stops early (what an exception in the label loop does)
+    deadline = time.monotonic() + 5
+    while any(t.name == "t-endless" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "t-endless" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 2  # never more than the queue depth (+ one in hand) ahead
