@@ -167,7 +167,7 @@ def _write_runs(store: LabelStore, rows: np.ndarray, values: dict[str, np.ndarra
 class _DeferredWriter:
     """Store writes one block behind the compute, so on CUDA they overlap the next block's encoder work.
 
-    A block's scores are copied to pinned host buffers asynchronously (on CPU: plain copies) and written only after
+    A block's scores are copied to pinned host buffers asynchronously (on CPU: kept as they are) and written only after
     the *next* block has been queued, so the device never waits for the store. The same deferral runs on CPU, where
     the tests exercise it.
     """
@@ -178,11 +178,10 @@ class _DeferredWriter:
         self.pending: tuple[np.ndarray, dict[str, torch.Tensor], object] | None = None
 
     def submit(self, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
-        host, done = {}, None
-        for k, v in values.items():
-            host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda)
-            host[k].copy_(v, non_blocking=self.cuda)
+        host, done = values, None  # CPU: the fresh score tensors themselves (nothing overwrites them)
         if self.cuda:
+            host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                    for k, v in values.items()}
             done = torch.cuda.Event()
             done.record()
         previous, self.pending = self.pending, (rows, host, done)
