@@ -1,11 +1,13 @@
 """Build driver: setuptools runs CMake (CMakeLists.txt is the one build definition of the pybind11 extension).
 
-Set CDUL_FAST_NO_EXT=1 to install without compiling; the package then uses its numpy.memmap fallback.
+Set CDUL_FAST_NO_EXT=1 to install without compiling; the package then uses its numpy.memmap fallback. CMAKE_ARGS
+(extra configure arguments), CMAKE_GENERATOR and CMAKE_BUILD_PARALLEL_LEVEL are honoured.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -36,18 +38,24 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]
+        cmake_args += shlex.split(os.environ.get("CMAKE_ARGS", ""))  # e.g. CMAKE_ARGS="-DCMAKE_CXX_FLAGS=-march=native"
         if os.environ.get("CMAKE_GENERATOR") is None:
             try:
-                import ninja  # noqa: F401
+                import ninja
 
-                cmake_args.append("-GNinja")
+                # The path explicitly: a build folder's CMake cache otherwise keeps the ninja of the isolated build
+                # environment that configured it first, which pip has deleted by the next build (a rebuild failed).
+                ninja_exe = Path(ninja.BIN_DIR) / "ninja"
+                cmake_args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM:FILEPATH={ninja_exe}"]
             except ImportError:
                 pass
         build_temp = Path(self.build_temp) / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
         subprocess.run(["cmake", ext.sourcedir, *cmake_args], cwd=build_temp, check=True)
-        subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", str(os.cpu_count() or 2)], cwd=build_temp,
-                       check=True)
+        build_args = ["--config", cfg]
+        if "CMAKE_BUILD_PARALLEL_LEVEL" not in os.environ:
+            build_args += ["-j", str(os.cpu_count() or 2)]
+        subprocess.run(["cmake", "--build", ".", *build_args], cwd=build_temp, check=True)
 
 
 ext_modules = [] if os.environ.get("CDUL_FAST_NO_EXT") == "1" else [CMakeExtension("cdul_fast._store", ROOT)]

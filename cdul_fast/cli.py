@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .config import package_defaults, parse_kv, resolve
-from .errors import CdulError
+from .errors import CdulError, DependencyError
 
 SUPPRESS = argparse.SUPPRESS
 
@@ -191,12 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the pseudo-label mAP of the global/avg/max/cdul aggregators, train a small "
                                     "classifier with latent label updates, export it to ONNX and report its test "
                                     "mAP with ONNX Runtime.")
+    demo_full, demo_quick = package_defaults("demo"), package_defaults("demo").get("quick", {})
     de.add_argument("--out", "-o", default="cdul-demo", help="work folder (default: ./cdul-demo)")
+    de.add_argument("--quick", action="store_true",
+                    help=f"the same five steps on a reduced world ({demo_quick.get('train_images')} train / "
+                         f"{demo_quick.get('test_images')} test images, {demo_quick.get('train', {}).get('epochs')} "
+                         "epochs): about a minute on 2 CPU cores")
     de.add_argument("--train-images", type=int, default=None,
-                    help="images in the train split (default: demo.yaml, 3000)")
+                    help=f"images in the train split (default: {demo_full.get('train_images')})")
     de.add_argument("--test-images", type=int, default=None,
-                    help="images in the test split (default: demo.yaml, 500)")
-    de.add_argument("--epochs", type=int, default=None, help="classifier epochs (default: demo.yaml)")
+                    help=f"images in the test split (default: {demo_full.get('test_images')})")
+    de.add_argument("--epochs", type=int, default=None,
+                    help=f"classifier epochs (default: {demo_full.get('train', {}).get('epochs')})")
     de.add_argument("--skip-train", action="store_true", help="stop after the pseudo-label table")
     de.add_argument("--device", default="auto", help="auto, cpu or cuda")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -333,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if missing and missing.split(".")[0] != "cdul_fast":  # one of ours missing is a packaging bug: internal
+            err = DependencyError(f"this command needs the Python package {missing!r}, which is not installed in "
+                                  f"{sys.prefix}: reinstall cdul-fast (its dependencies include it) or pip install it")
+            print(f"cdul-fast {ns.command}: error: {err}", file=sys.stderr)
+            return err.exit_code
         print(f"cdul-fast {ns.command}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
               "traceback, and please report it)", file=sys.stderr)
         return 1

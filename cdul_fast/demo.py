@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -17,22 +18,58 @@ def _with_n(opts: dict, n: int | None) -> dict:
     return dict(opts, n=n) if n else dict(opts)
 
 
+def demo_settings(quick: bool) -> dict:
+    """demo.yaml, with its ``quick:`` section applied for --quick (``train:`` keys merged, the rest replaced)."""
+    cfg = package_defaults("demo")
+    quick_cfg = cfg.pop("quick", None) or {}
+    if quick:
+        for key, value in quick_cfg.items():
+            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def _dataset_flags(root: Path, split: str, opts: dict) -> str:
+    flags = f"--dataset shapes --root {shlex.quote(str(root))} --split {split}"
+    return flags + "".join(f" --dataset-opt {shlex.quote(f'{k}={v}')}" for k, v in opts.items())
+
+
+def where_to_look(out: Path, root: Path, train_opts: dict, test_opts: dict, trained: bool) -> list[str]:
+    """The closing lines: each output of the demo and a command that shows it."""
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    lines = ["Outputs:",
+             f"  shapes world              {root}/ (train/, test/: JPEGs + manifest.json)",
+             f"  label store (train)       {out / 'train.cdul'}"]
+    cmds = [f"cdul-fast eval --labels {q(out / 'train.cdul')} {_dataset_flags(root, 'train', train_opts)}"]
+    if trained:
+        lines += [f"  training run              {out / 'run'}/ (config.yaml, log.csv, checkpoint.pt, model.*)",
+                  f"  curves                    {out / 'run' / 'curves.png'}",
+                  f"  ONNX model                {out / 'model.onnx'}",
+                  f"  test predictions          {out / 'test_scores.csv'}"]
+        cmds += [f"cdul-fast predict --model {q(out / 'model.onnx')} {_dataset_flags(root, 'test', test_opts)}",
+                 f"cdul-fast predict --model {q(out / 'model.onnx')} --images {q(root / 'test')} "
+                 f"--out {q(out / 'my_scores.csv')}",
+                 f"column -s, -t < {q(out / 'run' / 'log.csv')}",
+                 f"head -3 {q(out / 'test_scores.csv')}",
+                 f"xdg-open {q(out / 'run' / 'curves.png')}"]
+    return lines + ["Look at them:"] + [f"  {c}" for c in cmds]
+
+
 def run_demo(args: dict) -> int:
     from .datasets import load_dataset
     from .evaluate import evaluate_scores, evaluate_store, format_table
     from .export import export_onnx
     from .label import LabelConfig, run_label
-    from .predict import open_model, predict_paths
+    from .predict import open_model, predict_paths, write_scores
     from .train import TrainConfig, run_train
 
-    cfg = package_defaults("demo")
+    cfg = demo_settings(bool(args.get("quick")))
     out = Path(args.get("out") or "cdul-demo")
     progress = not args.get("no_progress") and sys.stderr.isatty()
     device = args.get("device", "auto")
     t0 = time.perf_counter()
     root = out / "shapes"
     opts = dict(cfg.get("dataset_options") or {})
-    _log(f"[1/5] generating the shapes world in {root}")
+    _log(f"[1/5] generating the shapes world{' (reduced: --quick)' if args.get('quick') else ''} in {root}")
     train_opts = _with_n(opts, args.get("train_images") or cfg.get("train_images"))
     test_opts = _with_n(opts, args.get("test_images") or cfg.get("test_images"))
     train_ds = load_dataset("shapes", root, "train", **train_opts)
@@ -52,7 +89,10 @@ def run_demo(args: dict) -> int:
     _log(format_table(reports, per_class=False))
     summary = {f"pseudo labels (train), {k}": r.map * 100 for k, r in reports.items()}
     if args.get("skip_train"):
-        _log(f"\ndone in {time.perf_counter() - t0:.0f}s")
+        _log("")
+        for line in where_to_look(out, root, train_opts, test_opts, trained=False):
+            _log(line)
+        _log(f"done in {time.perf_counter() - t0:.0f}s")
         return 0
 
     _log("\n[3/5] training the classifier (KL loss, latent pseudo-label updates after the warm-up)")
@@ -77,6 +117,7 @@ def run_demo(args: dict) -> int:
     model = open_model(onnx_path, "auto")
     scores, errors = predict_paths(model, list(test_ds.paths), 64, progress=progress)
     summary["classifier, ONNX Runtime (test)"] = evaluate_scores(scores, test_ds).map * 100
+    write_scores(out / "test_scores.csv", list(test_ds.ids), model.class_names, scores)
 
     test_store = out / "test.cdul"
     run_label(LabelConfig(out=str(test_store), dataset="shapes", root=str(root), split="test",
@@ -90,5 +131,8 @@ def run_demo(args: dict) -> int:
     width = max(len(k) for k in summary)
     for k, v in summary.items():
         _log(f"  {k:<{width}}  {v:6.2f}" if v is not None else f"  {k:<{width}}     n/a")
-    _log(f"\nall outputs in {out}/ (run/curves.png, run/log.csv, model.onnx); {time.perf_counter() - t0:.0f}s total")
+    _log("")
+    for line in where_to_look(out, root, train_opts, test_opts, trained=True):
+        _log(line)
+    _log(f"done in {time.perf_counter() - t0:.0f}s")
     return 0

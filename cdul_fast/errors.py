@@ -27,3 +27,7 @@ class WeightsError(CdulError):
 
 class ImageDecodeError(CdulError):
     """An image file that cannot be decoded."""
+
+
+class DependencyError(CdulError):
+    """A Python package the command needs is not installed (an incomplete or hand-pruned environment)."""

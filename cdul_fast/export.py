@@ -74,7 +74,7 @@ def _export_graph(module: nn.Module, example: torch.Tensor, out: Path, opset: in
     try:
         torch.onnx.export(module, (example,), str(out), input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_shapes={"images": {0: batch}}, opset_version=opset, dynamo=True,
-                          external_data=False)
+                          external_data=False, verbose=False)
     except TypeError:  # older torch without the dynamo exporter arguments
         torch.onnx.export(module, (example,), str(out), input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=opset)

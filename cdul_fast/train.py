@@ -424,14 +424,12 @@ def _format_row(row: dict) -> str:
 
 
 def _plot(history: list[dict], path: Path) -> None:
-    """Loss and mAP curves (PNG); skipped silently when matplotlib is missing."""
-    try:
-        import matplotlib
+    """Loss and mAP curves (PNG). matplotlib is a declared dependency: a missing one is an install error, not a skip."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(ep[1:], [h["train_loss"] for h in history[1:]], marker="o")

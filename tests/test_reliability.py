@@ -94,3 +94,32 @@ def test_bad_arguments_give_one_line(tmp_path, messy, capsys, extra, needle, mon
     argv = base + [e.replace("{tmp}", str(tmp_path)) for e in extra]
     assert main(argv) == 2
     assert needle.lower() in _err(capsys).lower()
+
+
+@pytest.mark.parametrize("missing, code, needle", [
+    ("onnxscript", 2, "needs the Python package 'onnxscript'"),   # an environment without a dependency: one line
+    ("cdul_fast.gone", 1, "internal error"),                      # one of our own modules: a packaging bug
+])
+def test_a_missing_module_is_one_line(tmp_path, capsys, monkeypatch, missing, code, needle):
+    import cdul_fast.export as export
+
+    def export_onnx(*args, **kwargs):
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    monkeypatch.setattr(export, "export_onnx", export_onnx)
+    monkeypatch.delenv("CDUL_FAST_DEBUG", raising=False)
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "m.onnx")]) == code
+    err = _err(capsys)
+    assert needle in err and missing in err and "Traceback" not in err
+
+
+def test_demo_quick_settings_reduce_the_world_and_keep_the_rest():
+    from cdul_fast.demo import demo_settings
+
+    full, quick = demo_settings(False), demo_settings(True)
+    assert "quick" not in full and "quick" not in quick
+    assert quick["train_images"] < full["train_images"] and quick["test_images"] <= full["test_images"]
+    assert 0 < quick["train"]["warmup"] < quick["train"]["epochs"] < full["train"]["epochs"]  # updates still happen
+    for key in set(full["train"]) - {"epochs", "warmup"}:  # merged, not replaced
+        assert quick["train"][key] == full["train"][key], key
+    assert quick["label"] == full["label"]
