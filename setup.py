@@ -58,12 +58,11 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", *build_args], cwd=build_temp, check=True)
 
 
-ext_modules = [] if os.environ.get("CDUL_FAST_NO_EXT") == "1" else [CMakeExtension("cdul_fast._store", ROOT)]
+ext_modules = [] if os.environ.get("CDUL_FAST_NO_EXT") == "1" else [CMakeExtension("cdul_fast.store._store", ROOT)]
 
 setup(
-    packages=find_packages(include=["cdul_fast", "cdul_fast.*"]) + ["cdul_fast.kernels"],
-    package_dir={"cdul_fast": "cdul_fast", "cdul_fast.kernels": "kernels"},
-    package_data={"cdul_fast": ["configs/*.yaml", "assets/*/*", "py.typed"]},
+    packages=find_packages(include=["cdul_fast", "cdul_fast.*"]),
+    package_data={"cdul_fast": ["configs/*.yaml", "py.typed"], "cdul_fast.shapes": ["assets/*/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -1,4 +1,4 @@
-"""Benchmark the fused Triton kernels against the torch eager reference path of ``cdul_fast.ops``.
+"""Benchmark the fused Triton kernels against the torch eager reference path of ``cdul_fast.ops.dispatch``.
 
 Reports the median time, the speedup over torch, the achieved bandwidth (bytes the op must move, read + written,
 divided by time; the same byte count for both implementations, so torch's extra traffic shows as lower GB/s) and, on

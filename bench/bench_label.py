@@ -27,10 +27,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_rows  # noqa: E402
 
-from cdul_fast.clip_loader import load_clip  # noqa: E402
-from cdul_fast.label import LabelConfig, run_label  # noqa: E402
-from cdul_fast.store import LabelStore  # noqa: E402
-from cdul_fast.views import ViewSpec, load_rgb, normalize_views, pil_views  # noqa: E402
+from cdul_fast.clip.loader import load_clip  # noqa: E402
+from cdul_fast.label.pipeline import LabelConfig, run_label  # noqa: E402
+from cdul_fast.store.label_store import LabelStore  # noqa: E402
+from cdul_fast.views.decode import load_rgb  # noqa: E402
+from cdul_fast.views.geometry import ViewSpec, normalize_views, pil_views  # noqa: E402
 
 CLASSES = [f"class{i}" for i in range(20)]
 
@@ -65,7 +66,7 @@ def naive_label(clip, paths: list[Path], grid: int, zeta: float, lam: float) -> 
     from PIL import Image as PILImage
     from torchvision.transforms import functional as TF
 
-    from cdul_fast.views import resize_crop, view_boxes
+    from cdul_fast.views.geometry import resize_crop, view_boxes
 
     spec = ViewSpec.from_preprocess_cfg(clip.preprocess_cfg, grid)
     text = clip.encode_text(CLASSES).float().cpu()
@@ -121,7 +122,8 @@ def bare_encoder(clip, paths: list[Path], grid: int, batch: int) -> float:
 
 def decode_only(decoder: str, paths: list[Path], spec: ViewSpec, device: torch.device, batch: int) -> float:
     """Seconds for decode + tiling alone (views delivered on the label device, no encoder): the decode budget."""
-    from cdul_fast.loader import make_view_source, plan_blocks
+    from cdul_fast.views.registry import make_view_source
+    from cdul_fast.views.source import plan_blocks
 
     source = make_view_source(decoder, paths, spec, device, batch)
     blocks = plan_blocks(np.arange(len(paths)), len(paths), batch)

@@ -23,8 +23,8 @@ from _common import environment, write_rows  # noqa: E402
 from cdul_fast.config import package_defaults  # noqa: E402
 from cdul_fast.datasets import load_dataset  # noqa: E402
 from cdul_fast.evaluate import evaluate_store  # noqa: E402
-from cdul_fast.label import LabelConfig, run_label  # noqa: E402
-from cdul_fast.train import TrainConfig, run_train  # noqa: E402
+from cdul_fast.label.pipeline import LabelConfig, run_label  # noqa: E402
+from cdul_fast.train.trainer import TrainConfig, run_train  # noqa: E402
 
 VARIANTS = {
     "cdul (KL + psi-weighted latent updates)": {},

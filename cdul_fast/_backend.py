@@ -58,11 +58,11 @@ def has_dali() -> bool:
 def store_ext() -> ModuleType | None:
     """The pybind11 label-store extension, or None (with one warning) when it was not built."""
     try:
-        return importlib.import_module("cdul_fast._store")
+        return importlib.import_module("cdul_fast.store._store")
     except ImportError as exc:
         if os.environ.get("CDUL_FAST_QUIET_FALLBACK", "0") in ("", "0"):
             warnings.warn(
-                f"cdul_fast._store extension not available ({exc}); using the numpy.memmap fallback for label "
+                f"cdul_fast.store._store extension not available ({exc}); using the numpy.memmap fallback for label "
                 "stores (same format, slower checksums). Reinstall with `pip install -e .` to build it.",
                 RuntimeWarning,
                 stacklevel=2,

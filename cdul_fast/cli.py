@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from . import __version__
 from .config import package_defaults, parse_kv, resolve
 from .errors import CdulError, DependencyError
+from .views.registry import CHOICES as DECODER_CHOICES
+from .views.registry import decoder_help
 
 SUPPRESS = argparse.SUPPRESS
 
@@ -87,10 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--aggregator", choices=["global", "avg", "max", "cdul"], help="aggregator stored as 'final' (Table 3)")
     f.add("--save", type=_csv, help="extra arrays to store, comma-separated: global,aggregate,cdul,avg,max")
     f.add("--batch-size", type=int, help="images per encoder batch; a resumed run must use the same value")
-    f.add("--decoder", choices=["auto", "dali", "nvjpeg", "torchvision"],
-          help="image decode + tiling path: dali (DALI, GPU or CPU), nvjpeg (torchvision.io decode + PIL-exact "
-               "tiling on the label device), torchvision (PIL in worker processes); auto = dali, else nvjpeg on "
-               "CUDA, torchvision on CPU")
+    f.add("--decoder", choices=DECODER_CHOICES, help=decoder_help())
     f.add("--workers", type=int, help="decode workers")
     f.add("--device", help="auto, cpu, cuda or cuda:N")
     f.add("--backend", choices=["auto", "triton", "torch"], help="aggregation kernel")
@@ -211,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_label(args: dict) -> int:
-    from .label import LabelConfig, run_label
+    from .label.pipeline import LabelConfig, run_label
 
     args["dataset_options"] = {**(args.get("dataset_options") or {}), **_dataset_options(args)}
     progress = not args.pop("no_progress", False)
@@ -228,7 +227,7 @@ def cmd_label(args: dict) -> int:
 def cmd_eval(args: dict) -> int:
     from .datasets import load_dataset
     from .evaluate import evaluate_store, format_table, reports_json
-    from .store import LabelStore
+    from .store.label_store import LabelStore
 
     opts = _dataset_options(args)
     name = args.get("dataset")
@@ -250,7 +249,7 @@ def cmd_eval(args: dict) -> int:
 
 
 def cmd_train(args: dict) -> int:
-    from .train import TrainConfig, run_train
+    from .train.trainer import TrainConfig, run_train
 
     args["dataset_options"] = {**(args.get("dataset_options") or {}), **_dataset_options(args)}
     progress = not args.pop("no_progress", False)
@@ -263,7 +262,7 @@ def cmd_train(args: dict) -> int:
 
 
 def cmd_export(args: dict) -> int:
-    from .export import export_onnx
+    from .deploy.export import export_onnx
 
     rep = export_onnx(args["checkpoint"], args["out"], opset=args["opset"], atol=args["atol"])
     print(f"{rep['out']}: {rep['classes']} classes, input [N, 3, {rep['image_size']}, {rep['image_size']}], "
@@ -275,9 +274,9 @@ def cmd_predict(args: dict) -> int:
     from pathlib import Path
 
     from .datasets import load_dataset
+    from .deploy.predict import open_model, predict_paths, write_scores
     from .errors import ConfigError
     from .evaluate import evaluate_scores, format_table
-    from .predict import open_model, predict_paths, write_scores
 
     cfg = resolve("predict", args)
     model = open_model(cfg["model"], cfg["device"])
@@ -312,7 +311,7 @@ def cmd_predict(args: dict) -> int:
 
 
 def cmd_demo(args: dict) -> int:
-    from .demo import run_demo
+    from .shapes.demo import run_demo
 
     return run_demo(args)
 

@@ -79,7 +79,7 @@ def evaluate_scores(scores: np.ndarray, ds: MultiLabelSet, rows: np.ndarray | No
 def evaluate_store(path: str | Path, ds: MultiLabelSet, arrays: list[str] | None = None,
                    allow_incomplete: bool = False) -> tuple[dict[str, APReport], list[str]]:
     """AP reports for the store's arrays (default: all) plus notes; the store must belong to ``ds``."""
-    from .store import LabelStore
+    from .store.label_store import LabelStore
 
     notes: list[str] = []
     with LabelStore.open(path, mode="r", expect_classes=ds.class_names) as store:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cdul_fast.clip_loader import load_clip
+from cdul_fast.clip.loader import load_clip
 from cdul_fast.errors import ConfigError, WeightsError
 
 TINY = Path(__file__).parent / "data" / "tiny_clip.json"
@@ -130,7 +130,7 @@ def test_offline_tag_fails_fast_with_instructions(monkeypatch, tmp_path):
 
 
 def test_shipped_alias_missing_is_clear(monkeypatch, tmp_path):
-    from cdul_fast import clip_loader
+    from cdul_fast.clip import loader as clip_loader
 
     monkeypatch.setitem(clip_loader.ALIASES, "shapes-clip", tmp_path / "nowhere")
     with pytest.raises(WeightsError, match="missing from the installation"):

@@ -1,4 +1,5 @@
-"""Triton kernels (aggregation, latent update) against ``cdul_fast.reference``, plus the dispatch in ``cdul_fast.ops``.
+"""Triton kernels (aggregation, latent update) against ``cdul_fast.ops.reference``, plus the dispatch in
+``cdul_fast.ops.dispatch``.
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1, set in conftest.py),
 so batches are small while C and G take their real values. Tests marked ``gpu`` repeat the parity on CUDA tensors.
@@ -21,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdul_fast import kernels, ops, reference
+from cdul_fast.ops import dispatch as ops
+from cdul_fast.ops import kernels, reference
 
 cdul_aggregate, latent_update_ = kernels.cdul_aggregate, kernels.latent_update_
 OUTPUTS = ops.OUTPUTS
@@ -423,7 +425,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # decorate the kernels for the compile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from cdul_fast.kernels import aggregate as A, latent as L
+from cdul_fast.ops.kernels import aggregate as A, latent as L
 
 OUTS = ["glob_ptr", "agg_ptr", "cdul_ptr", "avg_ptr", "max_ptr"]
 WANT = ["WANT_GLOBAL", "WANT_AGG", "WANT_CDUL", "WANT_AVG", "WANT_MAX"]

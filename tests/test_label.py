@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from cdul_fast.cli import main
-from cdul_fast.clip_loader import load_clip
+from cdul_fast.clip.loader import load_clip
 from cdul_fast.datasets import load_dataset
 from cdul_fast.evaluate import evaluate_store
-from cdul_fast.label import LabelConfig, run_label
-from cdul_fast.store import LabelStore
+from cdul_fast.label.pipeline import LabelConfig, run_label
+from cdul_fast.store.label_store import LabelStore
 
 TINY = str(Path(__file__).parent / "data" / "tiny_clip.json")
 CLASSES = ("circle", "square", "triangle", "star", "cross", "heart", "ring")
@@ -61,7 +61,7 @@ def clip():
 def _cfg(out: Path, root: Path, **kw) -> LabelConfig:
     base = dict(out=str(out), dataset="folder", root=str(root),
                 dataset_options={"classes": ",".join(CLASSES), "labels": "labels.csv"}, clip=TINY,
-                clip_weights="random", grid=GRID, zeta=0.3, lam=1.0, batch_size=4, decoder="torchvision",
+                clip_weights="random", grid=GRID, zeta=0.3, lam=1.0, batch_size=4, decoder="pil",
                 workers=0, device="cpu", backend="torch", progress=False)
     base.update(kw)
     return LabelConfig(**base)
@@ -132,7 +132,7 @@ def test_aggregator_choice_changes_final(tmp_path, image_folder, clip):
 
 _SIGNALLER = """
 import os, signal, sys
-import cdul_fast.label as L
+import cdul_fast.label.pipeline as L
 count = {"n": 0}
 orig = L._write_runs
 def signalled(store, rows, values):
@@ -148,7 +148,7 @@ sys.exit(main(sys.argv[1:]))
 
 def _cli_args(out: Path, root: Path, *extra: str) -> list[str]:
     return ["label", "--out", str(out), "--dataset", "folder", "--root", str(root), "--classes", ",".join(CLASSES),
-            "--clip", TINY, "--clip-weights", "random", "--batch-size", "2", "--decoder", "torchvision",
+            "--clip", TINY, "--clip-weights", "random", "--batch-size", "2", "--decoder", "pil",
             "--workers", "0", "--device", "cpu", "--backend", "torch", "--flush-every", "1", "--save", "global",
             "--no-progress", *extra]
 
@@ -238,3 +238,20 @@ def test_ctrl_c_leaves_a_clean_store_and_says_how_to_resume(tmp_path, image_fold
     whole = tmp_path / "whole.cdul"
     assert main(_cli_args(whole, image_folder)) == 0
     assert out.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize("decoder", ["pil", "auto", "torchvision"])
+def test_a_store_of_09bd33f_with_the_old_decoder_name_resumes(tmp_path, image_folder, clip, decoder):
+    """Stores written before the decoders were renamed record "torchvision" (now pil): they still resume."""
+    out = tmp_path / "old.cdul"
+    run_label(_cfg(out, image_folder), log=lambda s: None, clip=clip)
+    with LabelStore.open(out, mode="r+") as st:
+        assert st.meta["decoder"] == "pil"
+        whole = np.array(st.array("final"))
+        st.update_meta({**st.meta, "decoder": "torchvision"})
+        st.done[6:] = 0  # an interrupted run: rows 6.. still pending
+        st.array("final")[6:] = 0
+    res = run_label(_cfg(out, image_folder, resume=True, decoder=decoder), log=lambda s: None, clip=clip)
+    assert res.complete and res.labelled == 11 - 4  # the block of rows 4..7 is redone whole (batch size 4)
+    with LabelStore.open(out) as st:
+        np.testing.assert_array_equal(st.array("final"), whole)

@@ -22,7 +22,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import cdul_fast.kernels
 import pytest
 
 import cdul_fast
@@ -45,7 +44,7 @@ def _declared() -> set[str]:
 
 
 def _package_dirs() -> list[Path]:
-    return [Path(p) for p in cdul_fast.__path__] + [Path(p) for p in cdul_fast.kernels.__path__]
+    return [Path(p) for p in cdul_fast.__path__]
 
 
 def _third_party_imports() -> dict[str, set[str]]:
@@ -93,7 +92,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import cdul_fast
 for m in pkgutil.walk_packages(cdul_fast.__path__, "cdul_fast."):
-    if not m.name.startswith("cdul_fast.kernels"):   # the Triton kernels themselves
+    if not m.name.startswith("cdul_fast.ops.kernels"):   # the Triton kernels themselves
         importlib.import_module(m.name)
 from cdul_fast.cli import main
 rc = main(["label", "--dataset", "shapes", "--root", sys.argv[1], "--split", "test", "--dataset-opt", "n=6",
@@ -133,21 +132,19 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _source_package_files() -> set[str]:
-    """Files the wheel must hold, as installed paths: the package tree (+ kernels/ as cdul_fast/kernels/)."""
-    listed = subprocess.run(["git", "ls-files", "cdul_fast", "kernels"], cwd=ROOT, capture_output=True, text=True)
+    """Files the wheel must hold: the package tree as it is in the source tree (the two are the same tree)."""
+    listed = subprocess.run(["git", "ls-files", "cdul_fast"], cwd=ROOT, capture_output=True, text=True)
     if listed.returncode == 0 and listed.stdout.strip():
-        files = listed.stdout.split()
-    else:  # not a git checkout: the files on disk
-        files = [str(p.relative_to(ROOT)) for d in ("cdul_fast", "kernels") for p in (ROOT / d).rglob("*")
-                 if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc")]
-    return {("cdul_fast/" + f if f.startswith("kernels/") else f) for f in files}
+        return set(listed.stdout.split())
+    return {str(p.relative_to(ROOT)) for p in (ROOT / "cdul_fast").rglob("*")  # not a git checkout: files on disk
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc")}
 
 
 @pytest.mark.packaging
 def test_wheel_holds_the_package(wheels: dict[str, Path]) -> None:
     expected = _source_package_files()
     assert "cdul_fast/assets/shapes-clip/open_clip_model.safetensors" in expected
-    assert any(f.startswith("cdul_fast/kernels/") for f in expected)
+    assert any(f.startswith("cdul_fast/ops/kernels/") for f in expected)
     for kind, whl in wheels.items():
         with zipfile.ZipFile(whl) as z:
             names = set(z.namelist())
@@ -161,7 +158,7 @@ def test_wheel_holds_the_package(wheels: dict[str, Path]) -> None:
         assert requires == _declared(), f"{kind} wheel's Requires-Dist differs from the installed metadata"
         binaries = [n for n in names if n.endswith((".so", ".pyd"))]
         if kind == "ext":
-            assert [Path(b).name.split(".")[0] for b in binaries] == ["_store"], binaries
+            assert [b.split(".")[0] for b in binaries] == ["cdul_fast/store/_store"], binaries
         else:
             assert binaries == [] and whl.name.endswith("-py3-none-any.whl"), (whl.name, binaries)
 
@@ -199,7 +196,7 @@ def test_wheel_runs_the_quick_demo_in_a_clean_venv(wheels: dict[str, Path], tmp_
         env = _clean_env(venv)
         py = str(venv / "bin" / "python")
         _run([py, "-m", "pip", "install", "-q", str(wheels["ext"])], outside, env, timeout=1800)
-        where = _run([py, "-c", "import cdul_fast, cdul_fast._store as s; print(cdul_fast.__file__); "
+        where = _run([py, "-c", "import cdul_fast, cdul_fast.store._store as s; print(cdul_fast.__file__); "
                       "print(s.__file__)"], outside, env).stdout.split()
         assert all(Path(p).resolve().is_relative_to(venv.resolve()) for p in where), where
         # the test extras never reach this venv: nothing here may lean on them
@@ -222,7 +219,7 @@ def test_wheel_runs_the_quick_demo_in_a_clean_venv(wheels: dict[str, Path], tmp_
         # the same wheel built without the extension: the numpy fallback, same pseudo labels
         _run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheels["noext"])], outside, env)
         probe = _run([py, "-c", "import importlib.util as u; from cdul_fast._backend import store_ext; "
-                      "print(u.find_spec('cdul_fast._store') is None, store_ext() is None)"], outside,
+                      "print(u.find_spec('cdul_fast.store._store') is None, store_ext() is None)"], outside,
                      env | {"CDUL_FAST_QUIET_FALLBACK": "1"})
         assert probe.stdout.split() == ["True", "True"], probe.stdout
         fallback = _run(["cdul-fast", "demo", "--quick", "--no-progress", "--out", "demo-noext"], outside, env)

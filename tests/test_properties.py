@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdul_fast import ops, reference
+from cdul_fast.ops import dispatch as ops
+from cdul_fast.ops import reference
 
 BACKENDS = ["torch", "triton"]
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cdul_fast._backend import has_dali
 from cdul_fast.cli import main
-from cdul_fast.store import LabelStore
+from cdul_fast.store.label_store import LabelStore
 
 TINY = str(Path(__file__).parent / "data" / "tiny_clip.json")
 BAD = {"truncated.jpg", "empty.jpg", "text.jpg"}
@@ -47,7 +47,7 @@ def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("decoder", ["torchvision", "nvjpeg", pytest.param("dali", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("decoder", ["pil", "tensor", pytest.param("dali", marks=pytest.mark.skipif(
     not has_dali(), reason="DALI not installed"))])
 def test_every_image_is_labelled_or_skipped_with_a_reason(tmp_path, messy, decoder, capsys):
     out = tmp_path / "m.cdul"
@@ -86,7 +86,7 @@ def _err(capsys) -> str:
     (["--clip", "ViT-B-32", "--clip-weights", "laion2b_s34b_b79k"], "--clip-weights"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, messy, capsys, extra, needle, monkeypatch):
-    import cdul_fast.clip_loader as cl
+    import cdul_fast.clip.loader as cl
 
     monkeypatch.setattr(cl, "_hub_reachable", lambda timeout=3.0: False)  # offline, fast
     base = ["label", "--out", str(tmp_path / "x.cdul"), "--dataset", "folder", "--root", str(messy), "--classes",
@@ -101,7 +101,7 @@ def test_bad_arguments_give_one_line(tmp_path, messy, capsys, extra, needle, mon
     ("cdul_fast.gone", 1, "internal error"),                      # one of our own modules: a packaging bug
 ])
 def test_a_missing_module_is_one_line(tmp_path, capsys, monkeypatch, missing, code, needle):
-    import cdul_fast.export as export
+    import cdul_fast.deploy.export as export
 
     def export_onnx(*args, **kwargs):
         raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
@@ -114,7 +114,7 @@ def test_a_missing_module_is_one_line(tmp_path, capsys, monkeypatch, missing, co
 
 
 def test_demo_quick_settings_reduce_the_world_and_keep_the_rest():
-    from cdul_fast.demo import demo_settings
+    from cdul_fast.shapes.demo import demo_settings
 
     full, quick = demo_settings(False), demo_settings(True)
     assert "quick" not in full and "quick" not in quick

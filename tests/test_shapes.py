@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cdul_fast.datasets import load_dataset
-from cdul_fast.datasets.shapes import CLASSES, _background, render_multi
 from cdul_fast.errors import DatasetError
+from cdul_fast.shapes.world import CLASSES, _background, render_multi
 
-ASSET = Path(__file__).resolve().parents[1] / "cdul_fast" / "assets" / "shapes-clip"
+ASSET = Path(__file__).resolve().parents[1] / "cdul_fast" / "shapes" / "assets" / "shapes-clip"
 INFO = json.loads((ASSET / "train_info.json").read_text())
 MARGIN = 15.0  # cdul - global mAP: measured +32.3 on 500 and +29.4 on 150 test images; see docs/shapes.md
 TOLERANCE = {"zero_shot_top1": 3.0, "map": 4.0}  # retrained vs shipped checkpoint, stated in docs/shapes.md
@@ -69,7 +69,7 @@ def test_regenerates_on_option_change_and_never_leaves_partial_splits(tmp_path, 
     assert (tmp_path / "test" / "manifest.json").stat().st_mtime_ns == stamp
     load_dataset("shapes", tmp_path, "test", n=7, size=64)
     assert len(list((tmp_path / "test").iterdir())) == 8
-    import cdul_fast.datasets.shapes as shapes
+    import cdul_fast.shapes.world as shapes
 
     calls = []
 
@@ -115,7 +115,7 @@ def test_string_options_from_the_cli_are_coerced(tmp_path):
 def test_shipped_clip_loads_and_matches_its_record():
     from safetensors.torch import load_file
 
-    from cdul_fast.clip_loader import load_clip
+    from cdul_fast.clip.loader import load_clip
 
     weights = ASSET / "open_clip_model.safetensors"
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == INFO["sha256"]
@@ -132,8 +132,8 @@ def test_shipped_clip_loads_and_matches_its_record():
 
 
 def test_zero_shot_accuracy_of_the_shipped_clip():
-    from cdul_fast.clip_loader import load_clip
-    from cdul_fast.shapes_clip import held_out, zero_shot_top1
+    from cdul_fast.clip.loader import load_clip
+    from cdul_fast.shapes.clip_training import held_out, zero_shot_top1
 
     clip = load_clip("shapes-clip", None, device="cpu", precision="fp32")
     imgs, cls, _ = held_out(240)
@@ -143,7 +143,7 @@ def test_zero_shot_accuracy_of_the_shipped_clip():
 def test_quality_cdul_beats_global_on_multi_object_images(tmp_path):
     """The paper's effect (Table 3) in this world, through the real label pipeline with the shipped zeta."""
     from cdul_fast.evaluate import evaluate_store
-    from cdul_fast.label import LabelConfig, run_label
+    from cdul_fast.label.pipeline import LabelConfig, run_label
 
     ds = load_dataset("shapes", tmp_path / "w", "test", n=150)
     out = tmp_path / "q.cdul"
@@ -160,7 +160,7 @@ def test_quality_cdul_beats_global_on_multi_object_images(tmp_path):
 
 
 def _train_cli(out: Path, *extra: str) -> dict:
-    from cdul_fast import shapes_clip
+    from cdul_fast.shapes import clip_training as shapes_clip
 
     shapes_clip.main(["train", "--out", str(out), "--steps", "3", "--batch", "8", "--pool", "16", "--no-eval", *extra])
     return json.loads((out / "train_info.json").read_text())
@@ -172,7 +172,7 @@ def test_clip_training_script_is_seeded(tmp_path):
     assert a["sha256"] == b["sha256"] == hashlib.sha256((tmp_path / "a" / "open_clip_model.safetensors")
                                                         .read_bytes()).hexdigest()
     assert _train_cli(tmp_path / "c", "--seed", "1")["sha256"] != a["sha256"]
-    from cdul_fast.clip_loader import load_clip
+    from cdul_fast.clip.loader import load_clip
 
     load_clip(str(tmp_path / "a"), None, device="cpu")  # the written folder is a loadable CLIP
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -181,7 +181,7 @@ def test_clip_training_script_is_seeded(tmp_path):
 @pytest.mark.slow
 def test_full_retraining_reproduces_the_shipped_checkpoint(tmp_path):
     """Same machine type: bit-identical weights. Elsewhere: metrics within the tolerance stated in docs/shapes.md."""
-    from cdul_fast.shapes_clip import TrainConfig, evaluate, train
+    from cdul_fast.shapes.clip_training import TrainConfig, evaluate, train
 
     cfg = TrainConfig(**{k: INFO[k] for k in ("steps", "batch", "lr", "pool", "seed", "threads")})
     info = train(tmp_path / "clip", cfg, measure=False, log=lambda s: None)

@@ -15,7 +15,7 @@ import pytest
 
 from cdul_fast._backend import store_ext
 from cdul_fast.errors import StoreError
-from cdul_fast.store import PAGE, LabelStore
+from cdul_fast.store.label_store import PAGE, LabelStore
 
 BACKENDS = [pytest.param("numpy"), pytest.param("ext", marks=pytest.mark.skipif(store_ext() is None,
                                                                                    reason="extension not built"))]
@@ -106,7 +106,7 @@ def test_write_order_and_interruption_do_not_change_the_bytes(tmp_path, backend)
 _WRITER = """
 import os, signal, sys
 import numpy as np
-from cdul_fast.store import LabelStore
+from cdul_fast.store.label_store import LabelStore
 path, backend, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 rng = np.random.default_rng(0)
 data = rng.random((64, 5), dtype=np.float32)
@@ -221,7 +221,8 @@ def test_second_writer_is_refused(tmp_path, backend):
     with LabelStore.open(path, mode="r+", backend=backend):
         with pytest.raises(StoreError, match="locked by another process"):
             LabelStore.open(path, mode="r+", backend=backend)
-        code = ("import sys\nfrom cdul_fast.store import LabelStore\nfrom cdul_fast.errors import StoreError\n"
+        code = ("import sys\nfrom cdul_fast.store.label_store import LabelStore\n"
+                "from cdul_fast.errors import StoreError\n"
                 f"try:\n    LabelStore.open({str(path)!r}, mode='r+', backend={backend!r})\n"
                 "except StoreError as e:\n    print(e); sys.exit(3)\n")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -360,7 +361,7 @@ def test_argument_validation(tmp_path, backend):
 
 
 def test_auto_falls_back_to_numpy_without_the_extension(tmp_path, monkeypatch):
-    import cdul_fast.store as store_mod
+    import cdul_fast.store.label_store as store_mod
 
     monkeypatch.setattr(store_mod, "store_ext", lambda: None)
     path = tmp_path / "s.cdul"

@@ -1,4 +1,5 @@
-"""The nvjpeg decoder's tensor path: PIL-exact resampling, EXIF orientation, fallbacks, and the same store as PIL."""
+"""The tensor decoder (torchvision.io decode + PIL-exact tiling): resampling, EXIF orientation, fallbacks, and the
+same store as PIL."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cdul_fast.clip_loader import load_clip
+from cdul_fast.clip.loader import load_clip
 from cdul_fast.errors import ConfigError
-from cdul_fast.loader import TorchvisionViews, make_view_source, plan_blocks
-from cdul_fast.tensor_views import NvjpegViews, exif_orient, pil_coefficients, resample_views
-from cdul_fast.views import ViewSpec, load_rgb, pil_views
+from cdul_fast.views.decode import load_rgb
+from cdul_fast.views.geometry import ViewSpec, pil_views
+from cdul_fast.views.pil import PilViews
+from cdul_fast.views.registry import make_view_source
+from cdul_fast.views.source import plan_blocks
+from cdul_fast.views.tensor import TensorViews, exif_orient, pil_coefficients, resample_views
 
 
 def _noise(h: int, w: int, seed: int) -> np.ndarray:
@@ -54,7 +58,7 @@ def test_coefficients_sum_to_one_in_fixed_point():
 
 
 def test_nearest_interpolation_is_refused_with_a_hint():
-    with pytest.raises(ConfigError, match="--decoder torchvision"):
+    with pytest.raises(ConfigError, match="--decoder pil"):
         resample_views(torch.zeros((10, 10, 3), dtype=torch.uint8), ViewSpec(8, 2, interpolation="nearest"))
 
 
@@ -105,14 +109,14 @@ def _collection(tmp_path):
     return paths
 
 
-def test_nvjpeg_source_on_cpu_equals_pil_source(tmp_path):
+def test_tensor_source_on_cpu_equals_pil_source(tmp_path):
     """On CPU, decode_jpeg is libjpeg-turbo like PIL: the views equal the PIL path's for every decodable file,
     and the same files are reported as undecodable (with the file named)."""
     paths = _collection(tmp_path)
     spec = ViewSpec(48, 3)
     blocks = plan_blocks(np.arange(len(paths)), len(paths), 4)
-    ours = list(NvjpegViews(paths, spec, device=torch.device("cpu"), num_threads=2).batches(blocks))
-    ref = list(TorchvisionViews(paths, spec, num_workers=0).batches(blocks))
+    ours = list(TensorViews(paths, spec, device=torch.device("cpu"), workers=2).batches(blocks))
+    ref = list(PilViews(paths, spec, workers=0).batches(blocks))
     assert [b.block for b in ours] == [b.block for b in ref] == [0, 1, 2]
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_array_equal(a.rows, b.rows)
@@ -130,16 +134,18 @@ def test_nvjpeg_source_on_cpu_equals_pil_source(tmp_path):
 
 def test_auto_decoder_choice_and_unknown_name(tmp_path):
     spec = ViewSpec(32, 2)
-    assert make_view_source("auto", [], spec, torch.device("cpu"), 4).name == "torchvision"
-    assert make_view_source("nvjpeg", [], spec, torch.device("cpu"), 4).name == "nvjpeg"
+    assert make_view_source("auto", [], spec, torch.device("cpu"), 4).name == "pil"
+    assert make_view_source("tensor", [], spec, torch.device("cpu"), 4).name == "tensor"
+    for old, new in (("nvjpeg", "tensor"), ("torchvision", "pil")):  # the names stores of 09bd33f recorded
+        assert make_view_source(old, [], spec, torch.device("cpu"), 4).name == new
     with pytest.raises(ConfigError, match="--decoder"):
         make_view_source("pillow", [], spec, torch.device("cpu"), 4)
 
 
-def test_label_store_identical_with_nvjpeg_and_torchvision_on_cpu(tmp_path):
+def test_label_store_identical_with_tensor_and_pil_decoders_on_cpu(tmp_path):
     """Same collection labelled through both decoders on CPU: identical stores rows (same views, same math)."""
-    from cdul_fast.label import LabelConfig, run_label
-    from cdul_fast.store import LabelStore
+    from cdul_fast.label.pipeline import LabelConfig, run_label
+    from cdul_fast.store.label_store import LabelStore
 
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
@@ -148,15 +154,15 @@ def test_label_store_identical_with_nvjpeg_and_torchvision_on_cpu(tmp_path):
     clip = load_clip(str(Path(__file__).parent / "data" / "tiny_clip.json"), "random", device="cpu",
                      precision="fp32", seed=0)
     finals = {}
-    for dec in ("nvjpeg", "torchvision"):
+    for dec in ("tensor", "pil"):
         cfg = LabelConfig(out=str(tmp_path / f"{dec}.cdul"), dataset="folder", root=str(img_dir),
                           dataset_options={"classes": "a,b,c"}, grid=2, batch_size=4, decoder=dec, device="cpu",
-                          progress=False, workers=0 if dec == "torchvision" else 2)
+                          progress=False, workers=0 if dec == "pil" else 2)
         run_label(cfg, log=lambda s: None, clip=clip)
         with LabelStore.open(cfg.out) as st:
             assert st.meta["decoder"] == dec
             finals[dec] = np.array(st.array("final"))
-    np.testing.assert_array_equal(finals["nvjpeg"], finals["torchvision"])
+    np.testing.assert_array_equal(finals["tensor"], finals["pil"])
 
 
 def _photo_like(h: int, w: int, seed: int) -> np.ndarray:
@@ -168,7 +174,7 @@ def _photo_like(h: int, w: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.gpu
-def test_nvjpeg_on_cuda_close_to_pil(tmp_path):
+def test_tensor_decoder_on_cuda_close_to_pil(tmp_path):
     """nvJPEG's IDCT/upsampling differ from libjpeg-turbo by a few levels; the tiling itself is exact (below)."""
     paths = []
     for i, (h, w) in enumerate([(120, 160), (97, 61), (375, 500)]):
@@ -183,8 +189,8 @@ def test_nvjpeg_on_cuda_close_to_pil(tmp_path):
     Image.fromarray(np.dstack([_photo_like(64, 48, 10), _noise(64, 48, 11)[:, :, :1]]), "RGBA").save(paths[-1])
     spec = ViewSpec(64, 3)
     blocks = plan_blocks(np.arange(len(paths)), len(paths), 8)
-    (ours,) = list(NvjpegViews(paths, spec, device=torch.device("cuda")).batches(blocks))
-    (ref,) = list(TorchvisionViews(paths, spec, num_workers=0).batches(blocks))
+    (ours,) = list(TensorViews(paths, spec, device=torch.device("cuda")).batches(blocks))
+    (ref,) = list(PilViews(paths, spec, workers=0).batches(blocks))
     assert ours.views.device.type == "cuda" and not ours.failed
     np.testing.assert_array_equal(ours.rows, ref.rows)
     diff = (ours.views.cpu().int() - ref.views.int()).abs()
@@ -201,11 +207,11 @@ def test_resample_views_on_cuda_is_bit_exact():
 
 
 @pytest.mark.gpu
-def test_label_on_cuda_with_nvjpeg_close_to_cpu(tmp_path):
+def test_label_on_cuda_with_tensor_decoder_close_to_cpu(tmp_path):
     """End to end on the GPU (nvJPEG decode, Triton aggregation, deferred pinned writes): every row written, and the
     labels close to the CPU run's (fp32 encoder on both, so what differs is nvJPEG's decode and TF32 convolutions)."""
-    from cdul_fast.label import LabelConfig, run_label
-    from cdul_fast.store import LabelStore
+    from cdul_fast.label.pipeline import LabelConfig, run_label
+    from cdul_fast.store.label_store import LabelStore
 
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
@@ -213,7 +219,7 @@ def test_label_on_cuda_with_nvjpeg_close_to_cpu(tmp_path):
         Image.fromarray(_photo_like(60 + 5 * i, 90, i)).save(img_dir / f"{i}.jpg", quality=95)
     tiny = str(Path(__file__).parent / "data" / "tiny_clip.json")
     finals = {}
-    for dev, dec in (("cuda", "nvjpeg"), ("cpu", "torchvision")):
+    for dev, dec in (("cuda", "tensor"), ("cpu", "pil")):
         clip = load_clip(tiny, "random", device=dev, precision="fp32", seed=0)
         cfg = LabelConfig(out=str(tmp_path / f"{dev}.cdul"), dataset="folder", root=str(img_dir),
                           dataset_options={"classes": "a,b,c"}, grid=3, batch_size=4, decoder=dec, device=dev,
@@ -226,12 +232,12 @@ def test_label_on_cuda_with_nvjpeg_close_to_cpu(tmp_path):
 
 
 def test_prefetched_raises_thread_errors_and_stops_on_early_exit():
-    """The background producer shared by the DALI and nvjpeg decoders: its errors reach the consumer, and a consumer
+    """The background producer shared by the DALI and tensor decoders: its errors reach the consumer, and a consumer
     that stops early leaves no thread blocked on a full queue."""
     import threading
     import time
 
-    from cdul_fast.loader import prefetched
+    from cdul_fast.views.source import prefetched
 
     def failing():
         yield 1

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cdul_fast import reference as ref
-from cdul_fast.checkpoint import load_checkpoint, load_state_dict_file, save_atomic
-from cdul_fast.classifier import build_classifier
 from cdul_fast.errors import ConfigError, WeightsError
-from cdul_fast.losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
-from cdul_fast.store import LabelStore
-from cdul_fast.train import TrainConfig, Trainer, run_train
+from cdul_fast.ops import reference as ref
+from cdul_fast.store.label_store import LabelStore
+from cdul_fast.train.checkpoint import load_checkpoint, load_state_dict_file, save_atomic
+from cdul_fast.train.classifier import build_classifier
+from cdul_fast.train.losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
+from cdul_fast.train.trainer import TrainConfig, Trainer, run_train
 
 CLASSES = ("red", "green", "blue", "white")
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
@@ -138,7 +138,7 @@ def test_learns_from_noisy_pseudo_labels(world, tmp_path):
 
 _KILLER = """
 import os, signal, sys
-import cdul_fast.train as T
+import cdul_fast.train.trainer as T
 orig = T.Trainer._checkpoint
 def dying(self, epoch):
     orig(self, epoch)
@@ -234,7 +234,7 @@ def test_bad_configs_are_rejected(world, tmp_path):
 def test_clipres_starts_from_the_shipped_clip_trunk():
     from safetensors.torch import load_file
 
-    from cdul_fast.clip_loader import ALIASES
+    from cdul_fast.clip.loader import ALIASES
 
     clip = load_file(str(ALIASES["shapes-clip"] / "open_clip_model.safetensors"))
     model = build_classifier("clipres", 5, "shapes-clip")

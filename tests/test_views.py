@@ -8,17 +8,10 @@ import torch
 from PIL import Image
 
 from cdul_fast.errors import ImageDecodeError
-from cdul_fast.loader import TorchvisionViews, plan_blocks
-from cdul_fast.views import (
-    ViewSpec,
-    grid_boxes,
-    load_rgb,
-    normalize_views,
-    pil_views,
-    resized_size,
-    to_rgb,
-    view_geometry,
-)
+from cdul_fast.views.decode import load_rgb, to_rgb
+from cdul_fast.views.geometry import ViewSpec, grid_boxes, normalize_views, pil_views, resized_size, view_geometry
+from cdul_fast.views.pil import PilViews
+from cdul_fast.views.source import plan_blocks
 
 
 def _smooth_image(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -143,12 +136,12 @@ def _write_images(tmp_path, sizes):
     return paths
 
 
-def test_torchvision_source_reports_bad_images(tmp_path):
+def test_pil_source_reports_bad_images(tmp_path):
     paths = _write_images(tmp_path, [(50, 40), (40, 50), (33, 33)])
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
     paths.insert(1, tmp_path / "bad.jpg")
     spec = ViewSpec(32, grid=2)
-    out = list(TorchvisionViews(paths, spec, num_workers=0).batches(plan_blocks(np.arange(4), 4, 3)))
+    out = list(PilViews(paths, spec, workers=0).batches(plan_blocks(np.arange(4), 4, 3)))
     assert [b.rows.tolist() for b in out] == [[0, 2], [3]]
     assert out[0].failed and out[0].failed[0][0] == 1 and "bad.jpg" in out[0].failed[0][1]
     assert out[0].views.shape == (2, 5, 32, 32, 3)
@@ -157,14 +150,14 @@ def test_torchvision_source_reports_bad_images(tmp_path):
 
 def test_dali_cpu_matches_pil_within_one_level(tmp_path):
     pytest.importorskip("nvidia.dali")
-    from cdul_fast.dali_views import DaliViews
+    from cdul_fast.views.dali import DaliViews
 
     paths = _write_images(tmp_path, [(300, 200), (123, 457), (64, 64), (1000, 333), (50, 700)])
     (tmp_path / "bad.jpg").write_bytes(b"notanimage")
     paths.append(tmp_path / "bad.jpg")
     spec = ViewSpec(48, grid=3)
     blocks = plan_blocks(np.arange(len(paths)), len(paths), 4)
-    pil = list(TorchvisionViews(paths, spec, num_workers=0).batches(blocks))
+    pil = list(PilViews(paths, spec, workers=0).batches(blocks))
     dali = list(DaliViews(paths, spec, batch_size=4, device=torch.device("cpu")).batches(blocks))
     assert [b.rows.tolist() for b in dali] == [b.rows.tolist() for b in pil] == [[0, 1, 2, 3], [4]]
     assert [r for r, _ in dali[1].failed] == [5]

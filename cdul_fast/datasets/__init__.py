@@ -17,7 +17,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "coco": (".coco", "load_coco"),
     "nus": (".nus", "load_nus"),
     "folder": (".folder", "load_folder"),
-    "shapes": (".shapes", "load_shapes"),
+    "shapes": ("..shapes.world", "load_shapes"),
 }
 
 DEFAULT_SPLITS: dict[str, tuple[str, str]] = {

@@ -4,7 +4,7 @@ PIL resamples in two separable passes (horizontal, then vertical), each a sum of
 coefficients (22 fractional bits) rounded and clipped back to 8 bits. A pass is therefore a matrix product with an
 integer-valued coefficient matrix followed by a shift: done here in float64 (every partial sum is an integer below
 2^53, so the result is exact), batched over views as two ``bmm`` per view group. On CPU this reproduces
-``views.pil_views`` bit for bit; on CUDA the only difference left is nvJPEG's decode versus libjpeg-turbo's.
+``geometry.pil_views`` bit for bit; on CUDA the only difference left is nvJPEG's decode versus libjpeg-turbo's.
 
 Coefficients are computed in numpy with PIL's own operation order (``precompute_coeffs`` + ``normalize_coeffs_8bpc``
 in libImaging/Resample.c: float32 box edges, double filter, sequential normalisation sum, round-half-away), only
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -24,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .errors import CdulError, ConfigError, ImageDecodeError
-from .loader import ViewBatch, default_workers, prefetched
-from .views import DECODE_ERRORS, ViewSpec, decode_error, load_rgb, view_geometry
+from ..errors import ConfigError, ImageDecodeError
+from .decode import Header, failure_reason, load_rgb, probe_header
+from .geometry import ViewSpec, view_geometry
+from .source import ViewBatch, default_workers, prefetched
 
 PRECISION_BITS = 22  # PIL: 32 - 8 - 2
 _ONE = float(1 << PRECISION_BITS)
@@ -143,7 +142,7 @@ def check_interpolation(spec: ViewSpec) -> None:
     """PIL's NEAREST resize is not a filter of the two-pass kind: the tensor path refuses it with a way out."""
     if spec.interpolation not in _SUPPORT:
         raise ConfigError(f"--decoder nvjpeg resamples with {', '.join(TENSOR_INTERPOLATIONS)}; this CLIP asks "
-                          f"for {spec.interpolation!r}: use --decoder torchvision")
+                          f"for {spec.interpolation!r}: use --decoder pil")
 
 
 def resample_views(img: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
@@ -195,15 +194,6 @@ def exif_orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img
 
 
-def _probe(data: bytes) -> tuple[bool, int]:
-    """(decode_jpeg can decode it as RGB: a baseline/progressive RGB or grayscale JPEG, EXIF orientation 1..8),
-    from the header only."""
-    with Image.open(io.BytesIO(data)) as im:
-        jpeg = im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L")
-        orientation = int(im.getexif().get(0x0112, 1)) if jpeg else 1
-    return jpeg, orientation if orientation in range(1, 9) else 1
-
-
 def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -213,7 +203,7 @@ def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch
     return list(out)
 
 
-class NvjpegViews:
+class TensorViews:
     """JPEG decode with ``torchvision.io.decode_jpeg`` on the label device (nvJPEG on CUDA, libjpeg-turbo on CPU),
     then PIL-exact tiling there; a background thread keeps ``prefetch`` blocks ready (its own CUDA stream).
 
@@ -221,23 +211,24 @@ class NvjpegViews:
     image only; undecodable files leave the block with a reason.
     """
 
-    name = "nvjpeg"
+    name = "tensor"
 
-    def __init__(self, paths: Sequence[Path], spec: ViewSpec, device: torch.device, num_threads: int | None = None,
-                 prefetch: int = 2) -> None:
+    def __init__(self, paths: Sequence[Path], spec: ViewSpec, *, device: torch.device, batch_size: int = 1,
+                 workers: int | None = None, prefetch: int = 2) -> None:
+        del batch_size  # blocks come from the caller; each is decoded in one batched call
         check_interpolation(spec)
         self.paths = list(paths)
         self.spec = spec
         self.device = device
-        self.num_threads = num_threads or default_workers()
+        self.num_threads = workers or default_workers()
         self.prefetch = prefetch
 
-    def _read(self, row: int) -> tuple[int, bytes | None, tuple | None, str]:
+    def _read(self, row: int) -> tuple[int, bytes | None, Header | None, str]:
         try:
             data = Path(self.paths[row]).read_bytes()
-            return row, data, _probe(data), ""
-        except DECODE_ERRORS as exc:
-            return row, None, None, str(decode_error(self.paths[row], exc))
+            return row, data, probe_header(data), ""
+        except Exception as exc:  # noqa: BLE001 - the decode policy: a reason, never an exception
+            return row, None, None, failure_reason(self.paths[row], exc)
 
     def _pil_image(self, row: int) -> torch.Tensor:
         arr = np.array(load_rgb(self.paths[row]), dtype=np.uint8)  # a writable copy
@@ -247,7 +238,7 @@ class NvjpegViews:
         items = list(pool.map(self._read, block.tolist()))
         failed = [(r, why) for r, data, _, why in items if data is None]
         ok = [(r, data, probe) for r, data, probe, _ in items if data is not None]
-        jpeg_idx = [i for i, (_, _, p) in enumerate(ok) if p[0]]
+        jpeg_idx = [i for i, (_, _, header) in enumerate(ok) if header.plain_jpeg]
         decoded: dict[int, torch.Tensor] = {}
         if jpeg_idx:
             datas = [torch.frombuffer(bytearray(ok[i][1]), dtype=torch.uint8) for i in jpeg_idx]
@@ -261,18 +252,16 @@ class NvjpegViews:
                     except RuntimeError:
                         pass  # PIL below gives the image a second chance (and the error message)
         rows, views = [], []
-        for i, (r, _, probe) in enumerate(ok):
+        for i, (r, _, header) in enumerate(ok):
             try:
                 if i in decoded:
-                    img = exif_orient(decoded[i].permute(1, 2, 0), probe[1])
+                    img = exif_orient(decoded[i].permute(1, 2, 0), header.orientation)
                 else:
                     img = self._pil_image(r)
                 views.append(resample_views(img, self.spec))
                 rows.append(r)
-            except CdulError as exc:
-                failed.append((r, str(exc)))
-            except Exception as exc:  # a decoder bug must not kill an hours-long run; the row is reported instead
-                failed.append((r, f"cannot process image {self.paths[r]}: {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # noqa: BLE001 - the decode policy: a reason, never an exception
+                failed.append((r, failure_reason(self.paths[r], exc)))
         t = torch.stack(views) if views else torch.empty((0,), dtype=torch.uint8, device=self.device)
         return ViewBatch(block=k, rows=np.asarray(rows, dtype=np.int64), views=t, failed=sorted(failed))
 
@@ -293,4 +282,4 @@ class NvjpegViews:
                         stream.synchronize()
                     yield batch
 
-        return prefetched(produce, self.prefetch, "cdul-nvjpeg")
+        return prefetched(produce, self.prefetch, "cdul-tensor")

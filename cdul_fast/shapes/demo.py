@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import package_defaults
+from ..config import package_defaults
 
 
 def _log(msg: str) -> None:
@@ -55,12 +55,12 @@ def where_to_look(out: Path, root: Path, train_opts: dict, test_opts: dict, trai
 
 
 def run_demo(args: dict) -> int:
-    from .datasets import load_dataset
-    from .evaluate import evaluate_scores, evaluate_store, format_table
-    from .export import export_onnx
-    from .label import LabelConfig, run_label
-    from .predict import open_model, predict_paths, write_scores
-    from .train import TrainConfig, run_train
+    from ..datasets import load_dataset
+    from ..deploy.export import export_onnx
+    from ..deploy.predict import open_model, predict_paths, write_scores
+    from ..evaluate import evaluate_scores, evaluate_store, format_table
+    from ..label.pipeline import LabelConfig, run_label
+    from ..train.trainer import TrainConfig, run_train
 
     cfg = demo_settings(bool(args.get("quick")))
     out = Path(args.get("out") or "cdul-demo")

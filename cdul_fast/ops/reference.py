@@ -1,6 +1,6 @@
 """Pure-torch reference of CDUL's math (paper eq. 1-8, supplement 6.1-6.2).
 
-This module is the oracle: the Triton kernels in ``cdul_fast.kernels`` must match it, and it is also the CPU path
+This module is the oracle: the Triton kernels in ``cdul_fast.ops.kernels`` must match it, and it is also the CPU path
 used when Triton cannot run. Everything is computed in float32 regardless of the input dtype.
 
 Shapes: ``B`` images, ``V = 1 + N`` views per image (view 0 is the whole image, views 1..N the G x G snippets in

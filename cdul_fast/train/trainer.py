@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ops
+from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
+from ..datasets.images import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits, normalize
+from ..errors import ConfigError, StoreError
+from ..evaluate import average_precision
+from ..fsutil import save_json_atomic, save_yaml_atomic
+from ..label.pipeline import resolve_device
+from ..ops import dispatch as ops
+from ..ops.reference import psi_c2_auto
+from ..store.label_store import LabelStore
 from .checkpoint import load_checkpoint, save_atomic, save_safetensors_atomic
 from .classifier import build_classifier
-from .datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
-from .errors import ConfigError, StoreError
-from .evaluate import average_precision
-from .fsutil import save_json_atomic, save_yaml_atomic
-from .imageset import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits, normalize
-from .label import resolve_device
 from .losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
-from .reference import psi_c2_auto
-from .store import LabelStore
 
 METHODS = ("cdul", "an", "ls", "epr")
 CKPT_VERSION = 1

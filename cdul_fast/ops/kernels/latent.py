@@ -3,7 +3,7 @@
 Per entry: y = sigmoid(latent), w = psi(y) (or 1), grad = latent - logit(clamp(pred, eps, 1 - eps)),
 latent <- latent - lr * w * grad, and optionally labels = sigmoid(latent_new). The torch version reads and writes the
 [M, C] matrix about ten times through temporaries; this kernel reads latent and pred once and writes latent (and
-labels) once. Oracle: ``cdul_fast.reference.latent_update``.
+labels) once. Oracle: ``cdul_fast.ops.reference.latent_update``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_latent_params, check_latent_tensors
+from ..checks import check_latent_params, check_latent_tensors
 
 BLOCK = 4096
 """Elements per program: 8 warps x 32 threads x 16 values, i.e. four 16-byte fp32 vectors per thread in flight."""

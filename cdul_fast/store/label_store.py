@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._backend import store_ext
-from .errors import StoreError
-from .fsutil import fsync_dir
+from .._backend import store_ext
+from ..errors import StoreError
+from ..fsutil import fsync_dir
 
 MAGIC = b"CDULSTOR"
 VERSION = 1

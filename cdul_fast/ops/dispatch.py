@@ -1,7 +1,7 @@
 """Dispatching front-ends for CDUL's hot loops: the Triton kernels on CUDA, the pure-torch reference elsewhere.
 
 ``backend``: "auto" runs Triton when the tensor is on CUDA and Triton works there, else the torch reference
-(``cdul_fast.reference``); "triton" forces the kernel (CUDA, or CPU tensors when TRITON_INTERPRET=1 was set before
+(``cdul_fast.ops.reference``); "triton" forces the kernel (CUDA, or CPU tensors when TRITON_INTERPRET=1 was set before
 the kernels were first imported) and fails clearly otherwise; "torch" always runs the reference.
 Triton is imported only when a kernel actually runs, so this module works on installs without it.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._backend import _triton_importable, has_triton, triton_interpret
 from . import reference
-from ._backend import _triton_importable, has_triton, triton_interpret
-from .kernels._checks import OUTPUTS, check_aggregate, check_latent_params, check_latent_tensors, check_outputs
+from .checks import OUTPUTS, check_aggregate, check_latent_params, check_latent_tensors, check_outputs
 
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
@@ -47,7 +47,7 @@ def resolve_backend(device: torch.device | str, backend: str = "auto") -> str:
         return "triton"
     raise RuntimeError(
         f"backend='triton' cannot run on {device.type} tensors: use CUDA tensors, or set TRITON_INTERPRET=1 before "
-        "cdul_fast.kernels is first used to run the kernels on CPU through the Triton interpreter"
+        "cdul_fast.ops.kernels is first used to run the kernels on CPU through the Triton interpreter"
     )
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..datasets.base import NEGATIVE, POSITIVE, MultiLabelSet
 from ..errors import DatasetError
-from .base import NEGATIVE, POSITIVE, MultiLabelSet
 
 GENERATOR_VERSION = 1
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "arrow", "crescent",

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ImageDecodeError
-from .views import load_rgb
+from ..errors import ImageDecodeError
+from ..views.decode import load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,5 +1,5 @@
-"""Input checks shared by the Triton launchers and the torch fallback in ``cdul_fast.ops`` (no Triton import here,
-so the torch path works on installs without Triton)."""
+"""Input checks shared by the Triton launchers and the torch fallback in ``cdul_fast.ops.dispatch`` (no Triton
+import here, so the torch path works on installs without Triton)."""
 
 from __future__ import annotations
 

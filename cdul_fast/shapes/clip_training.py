@@ -1,7 +1,7 @@
 """Train (and evaluate) the tiny CLIP shipped as ``shapes-clip``: a contrastive image-text model of the shapes world.
 
-    python -m cdul_fast.shapes_clip train --out /tmp/shapes-clip     # ~6 min on 2 CPU cores
-    python -m cdul_fast.shapes_clip eval --clip cdul_fast/assets/shapes-clip
+    python -m cdul_fast.shapes.clip_training train --out /tmp/shapes-clip     # ~6 min on 2 CPU cores
+    python -m cdul_fast.shapes.clip_training eval --clip cdul_fast/shapes/assets/shapes-clip
 
 Images are single-object renders (``datasets.shapes.render_single``, the generator of the ``captions`` split) drawn at
 40-64 px, passed through JPEG like the dataset files and resized to 64 px, which is how a grid snippet of a
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets.shapes import CLASSES, COLOURS, jpeg_roundtrip, render_single
-from .fsutil import atomic_write, write_text_atomic
-from .views import OPENAI_MEAN, OPENAI_STD
+from ..fsutil import atomic_write, write_text_atomic
+from ..views.geometry import OPENAI_MEAN, OPENAI_STD
+from .world import CLASSES, COLOURS, jpeg_roundtrip, render_single
 
 MODEL_CFG = {
     "embed_dim": 64,
@@ -236,11 +236,12 @@ def zero_shot_top1(model, tokenizer, imgs: torch.Tensor, cls: np.ndarray) -> flo
 def view_cosines(clip, ds, grid: int = GRID, batch: int = 64) -> torch.Tensor:
     """Cosine scores [N, 1 + G*G, C] of every view (whole image, then snippets) with every class prompt.
 
-    Uses the package's own view cutting and preprocessing (``cdul_fast.views``), so the numbers are those the label
-    pipeline produces, without a label store; every zeta can then be scored from the same cosines.
+    Uses the package's own view cutting and preprocessing (``cdul_fast.views.geometry``), so the numbers are those the
+    label pipeline produces, without a label store; every zeta can then be scored from the same cosines.
     """
-    from .reference import cosine_scores
-    from .views import ViewSpec, load_rgb, normalize_views, pil_views
+    from ..ops.reference import cosine_scores
+    from ..views.decode import load_rgb
+    from ..views.geometry import ViewSpec, normalize_views, pil_views
 
     spec = ViewSpec.from_preprocess_cfg(clip.preprocess_cfg, grid)
     text = clip.encode_text(ds.class_names, TEMPLATE)
@@ -255,8 +256,8 @@ def view_cosines(clip, ds, grid: int = GRID, batch: int = 64) -> torch.Tensor:
 
 def map_per_aggregator(cos: torch.Tensor, ds, logit_scale: float, zeta: float, lam: float = 1.0) -> dict[str, float]:
     """Pseudo-label mAP (%) of each aggregator of Table 3 against the split's ground truth."""
-    from .evaluate import evaluate_scores
-    from .reference import aggregate_all
+    from ..evaluate import evaluate_scores
+    from ..ops.reference import aggregate_all
 
     labels = aggregate_all(cos, logit_scale, zeta, lam)
     return {k: round(evaluate_scores(v.numpy(), ds).map * 100, 2) for k, v in labels.items()
@@ -276,8 +277,8 @@ def evaluate(clip_dir: str | Path, root: str | Path | None = None, n_train: int 
     """Zero-shot top-1 on held-out single objects; zeta tuned on train; pseudo-label mAP per aggregator on test."""
     import tempfile
 
-    from .clip_loader import load_clip
-    from .datasets import load_dataset
+    from ..clip.loader import load_clip
+    from ..datasets import load_dataset
 
     clip = load_clip(str(clip_dir), None, device="cpu", precision="fp32")
     imgs, cls, _ = held_out()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, ImageDecodeError, WeightsError
-from .imageset import load_square
+from ..datasets.images import load_square
+from ..errors import ConfigError, ImageDecodeError, WeightsError
 
 
 @dataclass

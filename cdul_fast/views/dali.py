@@ -1,35 +1,23 @@
 """NVIDIA DALI decode + tiling: GPU (``mixed``) decode on CUDA, a CPU pipeline (``device_id=None``) otherwise.
 
 Geometry (which region each view samples, its resized size and crop offset) is computed in Python from the image
-header with ``views.view_geometry`` — the same numbers the PIL path uses — and fed per sample, so both decoders cut
-identical regions; only the resampling filter implementation differs (DALI cubic vs PIL bicubic, both antialiased).
-A block DALI cannot decode is redone through PIL, image by image, so one bad file never stops a run.
+header (``decode.probe_header``) with ``geometry.view_geometry`` — the same numbers the PIL path uses — and fed per
+sample, so both decoders cut identical regions; only the resampling filter implementation differs (DALI cubic vs
+PIL bicubic, both antialiased). A block DALI cannot decode is redone through PIL, image by image, so one bad file
+never stops a run.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .errors import CdulError
-from .loader import ViewBatch, default_workers, prefetched
-from .views import DECODE_ERRORS, ViewSpec, decode_error, load_rgb, pil_views, view_geometry
-
-_ORIENT_SWAP = {5, 6, 7, 8}  # EXIF orientations that transpose width and height
-
-
-def _header_size(data: bytes) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, read from the header only (no pixel decode)."""
-    with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
-        if im.format in ("JPEG", "TIFF", "WEBP", "PNG") and im.getexif().get(0x0112, 1) in _ORIENT_SWAP:
-            w, h = h, w
-    return w, h
+from .decode import failure_reason, pil_views_or_reason, probe_header
+from .geometry import ViewSpec, view_geometry
+from .source import ViewBatch, default_workers, prefetched
 
 
 def _build_pipeline(spec: ViewSpec, batch_size: int, num_threads: int, device_id: int | None):
@@ -66,13 +54,13 @@ class DaliViews:
 
     name = "dali"
 
-    def __init__(self, paths: Sequence[Path], spec: ViewSpec, batch_size: int, device: torch.device,
-                 num_threads: int | None = None, prefetch: int = 2) -> None:
+    def __init__(self, paths: Sequence[Path], spec: ViewSpec, *, device: torch.device, batch_size: int,
+                 workers: int | None = None, prefetch: int = 2) -> None:
         self.paths = list(paths)
         self.spec = spec
         self.batch_size = batch_size
         self.device = device
-        self.num_threads = num_threads or default_workers()
+        self.num_threads = workers or default_workers()
         self.prefetch = prefetch
         self.device_id = (device.index or 0) if device.type == "cuda" else None
         self._pipe = None
@@ -84,14 +72,16 @@ class DaliViews:
 
     def _pil_block(self, k: int, block: np.ndarray, failed: list[tuple[int, str]]) -> ViewBatch:
         rows, views = [], []
+        done = {f for f, _ in failed}
         for r in block.tolist():
-            if any(r == f for f, _ in failed):
+            if r in done:
                 continue
-            try:
-                views.append(pil_views(load_rgb(self.paths[r]), self.spec))
+            v, why = pil_views_or_reason(self.paths[r], self.spec)
+            if v is None:
+                failed.append((r, why))
+            else:
+                views.append(v)
                 rows.append(r)
-            except CdulError as exc:
-                failed.append((r, str(exc)))
         t = torch.from_numpy(np.stack(views)) if views else torch.empty((0,), dtype=torch.uint8)
         if self.device.type == "cuda":
             t = t.to(self.device, non_blocking=True)
@@ -102,12 +92,11 @@ class DaliViews:
         for r in block.tolist():
             try:
                 data = Path(self.paths[r]).read_bytes()
-                w, h = _header_size(data)
-                geoms.append(view_geometry(w, h, self.spec))
+                geoms.append(view_geometry(*probe_header(data).oriented_size, self.spec))
                 encoded.append(np.frombuffer(data, dtype=np.uint8))
                 rows.append(r)
-            except DECODE_ERRORS as exc:
-                failed.append((r, str(decode_error(self.paths[r], exc))))
+            except Exception as exc:  # noqa: BLE001 - the decode policy: a reason, never an exception
+                failed.append((r, failure_reason(self.paths[r], exc)))
         if not rows:
             return ViewBatch(block=k, rows=np.empty(0, np.int64), views=torch.empty((0,), dtype=torch.uint8),
                              failed=failed)

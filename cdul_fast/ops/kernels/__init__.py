@@ -1,6 +1,6 @@
-"""Triton kernels (installed as ``cdul_fast.kernels``); each has a pure-torch oracle in ``cdul_fast.reference``.
+"""Triton kernels; each has a pure-torch oracle in ``cdul_fast.ops.reference``.
 
-The launchers are loaded lazily so that ``import cdul_fast.kernels`` (and the shared input checks) work without
+The launchers are loaded lazily so that ``import cdul_fast.ops.kernels`` (and the shared input checks) work without
 Triton, and so that TRITON_INTERPRET, read when a kernel is decorated, can still be set before the first use.
 """
 

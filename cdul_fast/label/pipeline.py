@@ -20,15 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ops
-from .clip_loader import DEFAULT_TEMPLATE, ClipModel, load_clip
-from .datasets import MultiLabelSet, load_dataset
-from .errors import ConfigError, StoreError
-from .fsutil import save_yaml_atomic, write_text_atomic
-from .loader import make_view_source, plan_blocks
-from .reference import AGGREGATORS
-from .store import LabelStore
-from .views import ViewSpec, normalize_views
+from ..clip.loader import DEFAULT_TEMPLATE, ClipModel, load_clip
+from ..datasets import MultiLabelSet, load_dataset
+from ..errors import ConfigError, StoreError
+from ..fsutil import save_yaml_atomic, write_text_atomic
+from ..ops import dispatch as ops
+from ..ops.reference import AGGREGATORS
+from ..store.label_store import LabelStore
+from ..views.geometry import ViewSpec, normalize_views
+from ..views.registry import ALIASES as DECODER_ALIASES
+from ..views.registry import make_view_source
+from ..views.source import plan_blocks
 
 ARRAY_CHOICES = ("global", "aggregate", "cdul", "avg", "max")
 SKIPPED = 2  # done-map value of rows whose image could not be decoded
@@ -133,7 +135,9 @@ def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: di
         if not path.exists():
             raise StoreError(f"--resume: no store at {path} to resume; run without --resume to start one")
         store = LabelStore.open(path, mode="r+", expect_classes=ds.class_names)
-        diff = _meta_mismatch(store.meta, meta)
+        old = dict(store.meta)
+        old["decoder"] = DECODER_ALIASES.get(old.get("decoder"), old.get("decoder"))  # 09bd33f's names
+        diff = _meta_mismatch(old, meta)
         if diff or list(store.array_names) != arrays:
             store.close()
             if list(store.array_names) != arrays:

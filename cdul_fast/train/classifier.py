@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, WeightsError
 from .checkpoint import load_state_dict_file
-from .errors import ConfigError, WeightsError
 
 SMALL_ARCHS = ("shapesnet", "clipres")
 
@@ -81,7 +81,7 @@ class ClipResNet(nn.Module):
 def _shapes_clip_cfg() -> dict:
     import json
 
-    from .clip_loader import ALIASES
+    from ..clip.loader import ALIASES
 
     cfg = json.loads((ALIASES["shapes-clip"] / "open_clip_config.json").read_text(encoding="utf-8"))
     return cfg.get("model_cfg", cfg)
@@ -138,7 +138,7 @@ def build_classifier(arch: str, num_classes: int, pretrained: str | None = None)
     if arch == "clipres":
         model = ClipResNet(num_classes)
         if pretrained:
-            from .clip_loader import ALIASES
+            from ..clip.loader import ALIASES
 
             src = ALIASES.get(pretrained, Path(pretrained))
             if src.is_dir():

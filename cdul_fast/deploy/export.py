@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, load_state_dict_file
-from .classifier import build_classifier
-from .errors import ConfigError, WeightsError
+from ..errors import ConfigError, WeightsError
+from ..train.checkpoint import load_checkpoint, load_state_dict_file
+from ..train.classifier import build_classifier
 
 INPUT, OUTPUT = "images", "scores"
 

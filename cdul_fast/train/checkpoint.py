@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import WeightsError
-from .fsutil import atomic_write
+from ..errors import WeightsError
+from ..fsutil import atomic_write
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:

@@ -21,9 +21,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import ConfigError, WeightsError
+from ..errors import ConfigError, WeightsError
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "shapes" / "assets"
 ALIASES = {"shapes-clip": ASSETS / "shapes-clip"}
 DEFAULT_TEMPLATE = "a photo of the {}"
 

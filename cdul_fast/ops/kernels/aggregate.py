@@ -5,7 +5,7 @@ lambda combine, mean and max over views) is elementwise or a reduction over at m
 torch version is a chain of ~10 memory-bound kernels with [B, V, C] float32 intermediates. Here each program reads its
 images' V rows once, keeps every accumulator in fp32 registers and writes only the requested [B, C] outputs.
 
-Oracle: ``cdul_fast.reference.aggregate_all``.
+Oracle: ``cdul_fast.ops.reference.aggregate_all``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import OUTPUTS, check_aggregate, check_outputs
+from ..checks import OUTPUTS, check_aggregate, check_outputs
 
 MAX_BLOCK_C = 8192
 """Widest class row handled in one register tile; wider rows take the two-pass tiled kernel (online softmax)."""

@@ -5,18 +5,18 @@ where ``normalize_views`` turns them into the encoder's input. The resize + cent
 ``Resize(S, bicubic) -> CenterCrop(S)`` exactly (same size rounding, same crop offsets), so view 0 equals open_clip's
 own preprocessing of the image; snippet ``j`` is that preprocessing applied to grid cell ``j`` (row-major) of the
 original image, resampled straight from the original pixels (PIL's ``box=``), never from a downscaled copy.
+Decoding files into RGB images is ``views.decode``'s job.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from .errors import ImageDecodeError
+from ..errors import ImageDecodeError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -94,44 +94,6 @@ def resize_crop(img: Image.Image, box: tuple[float, float, float, float], size: 
     top = int(round((h - size) / 2.0))
     left = int(round((w - size) / 2.0))
     return out.crop((left, top, left + size, top + size))
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: EXIF orientation applied, alpha composited on white, 16-bit scaled down."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.int64 if img.mode == "I" else np.uint16).astype(np.float64)
-        hi = 65535.0 if img.mode != "I" or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def decode_error(path: str | Path, exc: BaseException) -> ImageDecodeError:
-    """One readable message for any decoder failure (PIL's own messages can name in-memory buffers)."""
-    why = "not a recognized image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
-    return ImageDecodeError(f"cannot decode image {path}: {why}")
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file to RGB; any decoder failure becomes an ImageDecodeError naming the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except DECODE_ERRORS as exc:
-        raise decode_error(path, exc) from exc
 
 
 def view_boxes(width: int, height: int, grid: int) -> list[tuple[float, float, float, float]]:

@@ -1,0 +1,1 @@
+"""Stage 4: the trained classifier as ONNX, and ONNX Runtime prediction."""

@@ -1,0 +1,1 @@
+"""Stage 1: decode + tile images into the whole-image view and the G x G snippets, behind one ViewSource."""
