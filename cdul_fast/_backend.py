@@ -24,6 +24,23 @@ def has_cuda() -> bool:
         return False
 
 
+def resolve_device(name: str):
+    """``--device`` (auto, cpu, cuda, cuda:N) as a torch.device; asking for CUDA without one is a one-line error."""
+    import torch
+
+    from .errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if has_cuda() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+    if dev.type == "cuda" and not has_cuda():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
+    return dev
+
+
 def triton_interpret() -> bool:
     """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -68,18 +85,3 @@ def store_ext() -> ModuleType | None:
                 stacklevel=2,
             )
         return None
-
-
-def backend_report() -> dict[str, object]:
-    """What this installation can use; printed by `cdul-fast --version`-style diagnostics and benchmarks."""
-    import torch
-
-    return {
-        "torch": torch.__version__,
-        "cuda": has_cuda(),
-        "device": torch.cuda.get_device_name(0) if has_cuda() else "cpu",
-        "triton": _triton_importable(),
-        "triton_interpret": triton_interpret(),
-        "dali": has_dali(),
-        "store_ext": store_ext() is not None,
-    }

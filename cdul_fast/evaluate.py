@@ -13,8 +13,7 @@ import torch
 
 from .datasets import IGNORE, POSITIVE, MultiLabelSet
 from .errors import ConfigError, StoreError
-
-SKIPPED = 2  # done-map value of rows whose image could not be decoded (see label.py)
+from .store.label_store import DONE, PENDING, LabelStore
 
 
 @dataclass
@@ -79,7 +78,6 @@ def evaluate_scores(scores: np.ndarray, ds: MultiLabelSet, rows: np.ndarray | No
 def evaluate_store(path: str | Path, ds: MultiLabelSet, arrays: list[str] | None = None,
                    allow_incomplete: bool = False) -> tuple[dict[str, APReport], list[str]]:
     """AP reports for the store's arrays (default: all) plus notes; the store must belong to ``ds``."""
-    from .store.label_store import LabelStore
 
     notes: list[str] = []
     with LabelStore.open(path, mode="r", expect_classes=ds.class_names) as store:
@@ -90,11 +88,11 @@ def evaluate_store(path: str | Path, ds: MultiLabelSet, arrays: list[str] | None
         if meta_ds != (None, None) and meta_ds != (ds.name, ds.split):
             notes.append(f"store was labelled from {meta_ds[0]}/{meta_ds[1]}, evaluating against {ds.name}/{ds.split}")
         done = np.asarray(store.done)
-        pending = int((done == 0).sum())
+        pending = int((done == PENDING).sum())
         if pending and not allow_incomplete:
             raise StoreError(f"{path} is incomplete ({pending} of {store.rows} rows not labelled yet): finish it with "
                              "`cdul-fast label ... --resume`")
-        rows = np.flatnonzero(done == 1)
+        rows = np.flatnonzero(done == DONE)
         if rows.size < store.rows:
             notes.append(f"{store.rows - rows.size} rows without labels (skipped or pending) left out")
         names = list(store.array_names) if arrays is None else arrays

@@ -143,7 +143,7 @@ def _source_package_files() -> set[str]:
 @pytest.mark.packaging
 def test_wheel_holds_the_package(wheels: dict[str, Path]) -> None:
     expected = _source_package_files()
-    assert "cdul_fast/assets/shapes-clip/open_clip_model.safetensors" in expected
+    assert "cdul_fast/shapes/assets/shapes-clip/open_clip_model.safetensors" in expected
     assert any(f.startswith("cdul_fast/ops/kernels/") for f in expected)
     for kind, whl in wheels.items():
         with zipfile.ZipFile(whl) as z:

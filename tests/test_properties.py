@@ -66,7 +66,7 @@ def test_latent_update_properties(backend, rows, cols, seed, sigma, c1, lr, use_
     assert torch.all(torch.isfinite(out))
     assert torch.all(labels >= 0) and torch.all(labels <= 1)
     torch.testing.assert_close(labels, torch.sigmoid(out), atol=1e-6, rtol=1e-6)
-    expected = reference.latent_update(latent, pred, c1, sigma, c2, lr, use_psi)
+    expected = reference.latent_update_(latent.clone(), pred, c1, sigma, c2, lr, use_psi)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # column permutation commutes with the element-wise update
     perm = torch.randperm(cols, generator=g)

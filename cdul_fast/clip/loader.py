@@ -46,10 +46,6 @@ class ClipModel:
         """1/tau: CLIP's learned temperature, used as the softmax scale (paper eq. 2 and 4)."""
         return float(self.model.logit_scale.detach().exp().item())
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") else -1
-
     @torch.inference_mode()
     def encode_text(self, class_names: list[str] | tuple[str, ...], template: str = DEFAULT_TEMPLATE) -> torch.Tensor:
         """L2-normalized float32 text embeddings [C, K] of the prompts; computed once per (classes, template)."""

@@ -53,7 +53,3 @@ class MultiLabelSet:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    @property
-    def has_labels(self) -> bool:
-        return self.labels is not None

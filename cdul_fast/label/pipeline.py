@@ -20,20 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._backend import resolve_device
 from ..clip.loader import DEFAULT_TEMPLATE, ClipModel, load_clip
 from ..datasets import MultiLabelSet, load_dataset
 from ..errors import ConfigError, StoreError
 from ..fsutil import save_yaml_atomic, write_text_atomic
 from ..ops import dispatch as ops
 from ..ops.reference import AGGREGATORS
-from ..store.label_store import LabelStore
+from ..store.label_store import SKIPPED, LabelStore
 from ..views.geometry import ViewSpec, normalize_views
 from ..views.registry import ALIASES as DECODER_ALIASES
 from ..views.registry import make_view_source
 from ..views.source import plan_blocks
 
 ARRAY_CHOICES = ("global", "aggregate", "cdul", "avg", "max")
-SKIPPED = 2  # done-map value of rows whose image could not be decoded
 
 
 @dataclass
@@ -41,7 +41,7 @@ class LabelConfig:
     """Everything that determines the content of a label store (saved in its metadata and beside it as YAML)."""
 
     out: str
-    dataset: str = "folder"
+    dataset: str = "shapes"
     root: str | None = None
     split: str | None = None
     dataset_options: dict = field(default_factory=dict)
@@ -83,15 +83,6 @@ class LabelConfig:
             raise ConfigError("--resume and --overwrite exclude each other")
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"--backend must be auto, triton or torch, got {self.backend!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
-    return dev
 
 
 def _ids_digest(ds: MultiLabelSet) -> str:

@@ -1,5 +1,5 @@
-"""Input checks shared by the Triton launchers and the torch fallback in ``cdul_fast.ops.dispatch`` (no Triton
-import here, so the torch path works on installs without Triton)."""
+"""Input checks, run once per call by ``cdul_fast.ops.dispatch`` before it picks a twin (no Triton import here, so
+the torch path works on installs without Triton)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ OUTPUTS: tuple[str, ...] = ("global", "aggregate", "cdul", "avg", "max")
 """Aggregates a caller may request from ``aggregate_scores``; each is a float32 [B, C] tensor."""
 
 PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Input dtypes both twins take (cosine scores, predictions); they compute in float32."""
 
 
 def check_outputs(outputs: Iterable[str] | str) -> tuple[str, ...]:
@@ -38,6 +39,8 @@ def check_aggregate(cos: torch.Tensor, logit_scale: float, zeta: float, lam: flo
         raise ValueError(f"expected V = 1 + G*G >= 2 views (view 0 = whole image), got V = {cos.shape[1]}")
     if cos.shape[2] < 1:
         raise ValueError("expected at least one class (C >= 1)")
+    if cos.dtype not in PRED_DTYPES:
+        raise ValueError(f"cosine scores must be float32, float16 or bfloat16, got {cos.dtype}")
     _finite(logit_scale=logit_scale, zeta=zeta, lam=lam)
     if float(logit_scale) <= 0:
         raise ValueError(f"logit_scale (1/tau) must be > 0, got {logit_scale!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -73,36 +74,14 @@ def cosine_scores(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------- aggregation
 
 
-def _aggregate_torch(
-    cos: torch.Tensor, logit_scale: float, zeta: float, lam: float, names: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    """The reference's building blocks, forming only what ``names`` needs (same ops, so same bits as
-    ``reference.aggregate_all``)."""
-    if set(names) == {"global"}:
-        return {"global": reference.view_softmax(cos[:, :1], logit_scale)[:, 0].contiguous()}
-    s = reference.view_softmax(cos, logit_scale)
-    res: dict[str, torch.Tensor] = {}
-    s_global = s[:, 0]
-    if "aggregate" in names or "cdul" in names:
-        s_ag = reference.minmax_aggregate(s[:, 1:], zeta)
-        res["aggregate"] = s_ag
-        res["cdul"] = reference.combine(s_global, s_ag, lam)
-    if "avg" in names:
-        res["avg"] = s.mean(dim=1)
-    if "max" in names:
-        res["max"] = s.amax(dim=1)
-    res["global"] = s_global
-    return {n: res[n].contiguous() for n in names}
+def _twin(impl: str) -> ModuleType:
+    """The module that implements ``impl``: both expose ``cdul_aggregate`` and ``latent_update_`` with one
+    signature and contract, so dispatch is only this choice."""
+    if impl == "triton":
+        from . import kernels
 
-
-def _aggregate_triton(
-    cos: torch.Tensor, logit_scale: float, zeta: float, lam: float, names: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    from .kernels.aggregate import cdul_aggregate
-
-    if cos.stride(-1) != 1:
-        cos = cos.contiguous()
-    return cdul_aggregate(cos, logit_scale, zeta, lam, names)
+        return kernels
+    return reference
 
 
 def aggregate_scores(
@@ -118,45 +97,12 @@ def aggregate_scores(
     check_aggregate(cos, logit_scale, zeta, lam)
     names = check_outputs(outputs)
     impl = resolve_backend(cos.device, backend)
-    if impl == "triton":
-        return _aggregate_triton(cos, logit_scale, zeta, lam, names)
-    return _aggregate_torch(cos, logit_scale, zeta, lam, names)
+    if impl == "triton" and cos.stride(-1) != 1:
+        cos = cos.contiguous()  # the kernel reads class rows with unit stride
+    return _twin(impl).cdul_aggregate(cos, logit_scale, zeta, lam, names)
 
 
 # -------------------------------------------------------------------------------------------------- latent update
-
-
-def _latent_torch(
-    latent: torch.Tensor,
-    pred: torch.Tensor,
-    c1: float,
-    sigma: float,
-    c2: float,
-    lr: float,
-    use_psi: bool,
-    eps: float,
-    labels_out: torch.Tensor | None,
-) -> torch.Tensor:
-    new = reference.latent_update(latent, pred, c1, sigma, c2, lr, use_psi, eps)
-    if labels_out is not None:
-        torch.sigmoid(new, out=labels_out)
-    return latent.copy_(new)
-
-
-def _latent_triton(
-    latent: torch.Tensor,
-    pred: torch.Tensor,
-    c1: float,
-    sigma: float,
-    c2: float,
-    lr: float,
-    use_psi: bool,
-    eps: float,
-    labels_out: torch.Tensor | None,
-) -> torch.Tensor:
-    from .kernels.latent import latent_update_
-
-    return latent_update_(latent, pred, c1, sigma, c2, lr, use_psi, eps, labels_out)
 
 
 def latent_update_inplace(
@@ -178,8 +124,7 @@ def latent_update_inplace(
     check_latent_params(c1, sigma, c2, lr, eps)
     check_latent_tensors(latent, pred, labels_out)
     impl = resolve_backend(latent.device, backend)
-    fn = _latent_triton if impl == "triton" else _latent_torch
-    return fn(latent, pred, c1, sigma, c2, lr, use_psi, eps, labels_out)
+    return _twin(impl).latent_update_(latent, pred, c1, sigma, c2, lr, use_psi, eps, labels_out)
 
 
 def _check_stream_arrays(latent_np: np.ndarray, pred_np: np.ndarray, labels_out_np: np.ndarray | None) -> None:
@@ -245,9 +190,7 @@ def latent_update_stream(
     for r0 in range(0, M, int(chunk_rows)):
         r1 = min(M, r0 + int(chunk_rows))
         lab = _as_tensor(labels_out_np[r0:r1]) if labels_out_np is not None else None
-        latent_update_inplace(
-            _as_tensor(latent_np[r0:r1]), _as_tensor(pred_np[r0:r1]), *args, labels_out=lab, backend=impl
-        )
+        _twin(impl).latent_update_(_as_tensor(latent_np[r0:r1]), _as_tensor(pred_np[r0:r1]), *args, lab)
 
 
 @dataclass
@@ -332,7 +275,7 @@ def _stream_cuda(
                     d_lab = slot.d_lab[:n] if slot.d_lab is not None else None
                     d_lat.copy_(slot.h_lat[:n], non_blocking=True)
                     d_pred.copy_(slot.h_pred[:n], non_blocking=True)
-                    latent_update_inplace(d_lat, d_pred, *args, labels_out=d_lab, backend=impl)
+                    _twin(impl).latent_update_(d_lat, d_pred, *args, d_lab)
                     slot.h_lat[:n].copy_(d_lat, non_blocking=True)
                     if d_lab is not None and slot.h_lab is not None:
                         slot.h_lab[:n].copy_(d_lab, non_blocking=True)

@@ -1,7 +1,9 @@
 """Pure-torch reference of CDUL's math (paper eq. 1-8, supplement 6.1-6.2).
 
-This module is the oracle: the Triton kernels in ``cdul_fast.ops.kernels`` must match it, and it is also the CPU path
-used when Triton cannot run. Everything is computed in float32 regardless of the input dtype.
+This module is the oracle: ``cdul_aggregate`` and ``latent_update_`` have exactly the signatures and contracts of the
+Triton kernels in ``cdul_fast.ops.kernels`` (same outputs, same in-place behaviour), so ``ops.dispatch`` only picks a
+module. It is also the CPU path used when Triton cannot run. Everything is computed in float32 regardless of the
+input dtype.
 
 Shapes: ``B`` images, ``V = 1 + N`` views per image (view 0 is the whole image, views 1..N the G x G snippets in
 row-major order), ``C`` classes, ``K`` embedding width, ``M`` rows of the pseudo-label matrix.
@@ -42,31 +44,28 @@ def combine(s_global: torch.Tensor, s_aggregate: torch.Tensor, lam: float) -> to
     return 0.5 * (s_global + s_aggregate + lam * (s_global - s_aggregate).abs())
 
 
-def aggregate_all(cos: torch.Tensor, logit_scale: float, zeta: float, lam: float) -> dict[str, torch.Tensor]:
-    """Every aggregator from one tensor of cosine scores [B, V, C] (V >= 2), as float32 [B, C] tensors.
+def cdul_aggregate(
+    cos: torch.Tensor, logit_scale: float, zeta: float, lam: float, outputs: tuple[str, ...] = ("cdul",)
+) -> dict[str, torch.Tensor]:
+    """The twin of ``kernels.aggregate.cdul_aggregate``: the requested aggregates of cosine scores [B, V, C] as
+    contiguous float32 [B, C] tensors, in the order asked for.
 
-    Keys: ``global`` (whole image), ``aggregate`` (min-max over snippets, eq. 6), ``cdul`` (combine of the two),
-    ``avg`` (mean over all V views) and ``max`` (max over all V views).
+    Names: ``global`` (whole image), ``aggregate`` (min-max over snippets, eq. 6), ``cdul`` (combine of the two),
+    ``avg`` (mean over all V views), ``max`` (max over all V views). Inputs are validated by the dispatch
+    (``ops.dispatch.aggregate_scores``); only what ``outputs`` needs is formed.
     """
-    if cos.dim() != 3 or cos.shape[1] < 2:
-        raise ValueError(f"expected cosine scores [B, 1 + N, C] with N >= 1 snippets, got {tuple(cos.shape)}")
+    if set(outputs) == {"global"}:
+        return {"global": view_softmax(cos[:, :1], logit_scale)[:, 0].contiguous()}
     s = view_softmax(cos, logit_scale)
-    s_global = s[:, 0]
-    s_ag = minmax_aggregate(s[:, 1:], zeta)
-    return {
-        "global": s_global,
-        "aggregate": s_ag,
-        "cdul": combine(s_global, s_ag, lam),
-        "avg": s.mean(dim=1),
-        "max": s.amax(dim=1),
-    }
-
-
-def aggregate(cos: torch.Tensor, logit_scale: float, zeta: float, lam: float, mode: str = "cdul") -> torch.Tensor:
-    """One aggregator (see ``AGGREGATORS``) of cosine scores [B, V, C] -> pseudo labels [B, C] in float32."""
-    if mode not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {mode!r}; choose one of {', '.join(AGGREGATORS)}")
-    return aggregate_all(cos, logit_scale, zeta, lam)[mode]
+    res: dict[str, torch.Tensor] = {"global": s[:, 0]}
+    if "aggregate" in outputs or "cdul" in outputs:
+        res["aggregate"] = minmax_aggregate(s[:, 1:], zeta)
+        res["cdul"] = combine(res["global"], res["aggregate"], lam)
+    if "avg" in outputs:
+        res["avg"] = s.mean(dim=1)
+    if "max" in outputs:
+        res["max"] = s.amax(dim=1)
+    return {n: res[n].contiguous() for n in outputs}
 
 
 def psi_c2_auto(c1: float, sigma: float) -> float:
@@ -89,7 +88,7 @@ def kl_grad_wrt_labels(latent: torch.Tensor, pred: torch.Tensor, eps: float = 1e
     return latent.float() - torch.log(p / (1.0 - p))
 
 
-def latent_update(
+def latent_update_(
     latent: torch.Tensor,
     pred: torch.Tensor,
     c1: float,
@@ -98,12 +97,17 @@ def latent_update(
     lr: float = 1.0,
     use_psi: bool = True,
     eps: float = 1e-6,
+    labels_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 7-8: latent <- latent - lr * psi(sigmoid(latent)) * dKL/dy_u (psi replaced by 1 when ``use_psi`` is off)."""
-    lat = latent.float()
-    grad = kl_grad_wrt_labels(lat, pred, eps)
-    weight = psi(torch.sigmoid(lat), c1, sigma, c2) if use_psi else torch.ones_like(lat)
-    return lat - lr * weight * grad
+    """The twin of ``kernels.latent.latent_update_``, in place on the float32 ``latent`` (returned):
+    eq. 7-8, latent <- latent - lr * psi(sigmoid(latent)) * dKL/dy_u (psi replaced by 1 when ``use_psi`` is off);
+    ``labels_out`` (optional) gets sigmoid of the new latent. Inputs are validated by the dispatch."""
+    grad = kl_grad_wrt_labels(latent, pred, eps)
+    weight = psi(torch.sigmoid(latent), c1, sigma, c2) if use_psi else torch.ones_like(latent)
+    latent.sub_(lr * weight * grad)
+    if labels_out is not None:
+        torch.sigmoid(latent, out=labels_out)
+    return latent
 
 
 def labels_to_latent(labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

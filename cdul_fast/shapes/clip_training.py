@@ -257,11 +257,10 @@ def view_cosines(clip, ds, grid: int = GRID, batch: int = 64) -> torch.Tensor:
 def map_per_aggregator(cos: torch.Tensor, ds, logit_scale: float, zeta: float, lam: float = 1.0) -> dict[str, float]:
     """Pseudo-label mAP (%) of each aggregator of Table 3 against the split's ground truth."""
     from ..evaluate import evaluate_scores
-    from ..ops.reference import aggregate_all
+    from ..ops.reference import AGGREGATORS, cdul_aggregate
 
-    labels = aggregate_all(cos, logit_scale, zeta, lam)
-    return {k: round(evaluate_scores(v.numpy(), ds).map * 100, 2) for k, v in labels.items()
-            if k in ("global", "avg", "max", "cdul")}
+    labels = cdul_aggregate(cos, logit_scale, zeta, lam, AGGREGATORS)
+    return {k: round(evaluate_scores(v.numpy(), ds).map * 100, 2) for k, v in labels.items()}
 
 
 def tune_zeta(cos: torch.Tensor, ds, logit_scale: float, zetas: tuple[float, ...] = ZETAS) -> tuple[float, dict]:

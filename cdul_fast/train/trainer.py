@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._backend import resolve_device
 from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
 from ..datasets.images import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits, normalize
 from ..errors import ConfigError, StoreError
 from ..evaluate import average_precision
 from ..fsutil import save_json_atomic, save_yaml_atomic
-from ..label.pipeline import resolve_device
 from ..ops import dispatch as ops
-from ..ops.reference import psi_c2_auto
-from ..store.label_store import LabelStore
+from ..ops.reference import labels_to_latent, psi_c2_auto
+from ..store.label_store import DONE, LabelStore
 from .checkpoint import load_checkpoint, save_atomic, save_safetensors_atomic
 from .classifier import build_classifier
 from .losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
@@ -166,8 +166,8 @@ def _create_run_store(path: Path, src: LabelStore, array: str, meta: dict) -> La
     init = np.asarray(src.array(array), dtype=np.float32)
     st = LabelStore.create(path, class_names=src.class_names, rows=src.rows,
                            arrays=["init", "latent", "labels", "pred"], meta=meta, overwrite=True)
-    y = np.clip(init, 1e-6, 1 - 1e-6)
-    st.write(0, {"init": init, "latent": np.log(y / (1 - y)), "labels": init, "pred": np.zeros_like(init)})
+    latent = labels_to_latent(torch.from_numpy(init)).numpy()
+    st.write(0, {"init": init, "latent": latent, "labels": init, "pred": np.zeros_like(init)})
     st.flush()
     return st
 
@@ -196,7 +196,7 @@ class Trainer:
                 raise StoreError(f"{cfg.labels} ({src.rows} rows, {len(src.class_names)} classes) does not belong to "
                                  f"{self.train_ds.name}/{self.train_ds.split} ({len(self.train_ds)} images, "
                                  f"{self.train_ds.num_classes} classes)")
-            self.rows = np.flatnonzero(np.asarray(src.done) == 1).astype(np.int64)
+            self.rows = np.flatnonzero(np.asarray(src.done) == DONE).astype(np.int64)
             self._prepare_out(src)
         self.classes = self.train_ds.class_names
         self.model = build_classifier(cfg.arch, len(self.classes), cfg.pretrained).to(self.device)

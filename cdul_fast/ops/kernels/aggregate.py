@@ -5,7 +5,7 @@ lambda combine, mean and max over views) is elementwise or a reduction over at m
 torch version is a chain of ~10 memory-bound kernels with [B, V, C] float32 intermediates. Here each program reads its
 images' V rows once, keeps every accumulator in fp32 registers and writes only the requested [B, C] outputs.
 
-Oracle: ``cdul_fast.ops.reference.aggregate_all``.
+Oracle (the torch twin, same signature): ``cdul_fast.ops.reference.cdul_aggregate``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import OUTPUTS, check_aggregate, check_outputs
+from ..checks import OUTPUTS
 
 MAX_BLOCK_C = 8192
 """Widest class row handled in one register tile; wider rows take the two-pass tiled kernel (online softmax)."""
@@ -274,11 +274,11 @@ def cdul_aggregate(
 ) -> dict[str, torch.Tensor]:
     """Requested aggregates of cosine scores [B, V, C] (fp32/fp16/bf16, last dim contiguous) as float32 [B, C].
 
-    ``max_block_c`` and ``block_b`` are tuning/testing knobs: rows wider than ``max_block_c`` use the tiled kernel,
-    ``block_b`` overrides the images-per-program heuristic (power of two).
+    Same contract as the twin ``reference.cdul_aggregate``; inputs are validated once, by ``ops.dispatch``. Checked
+    here are only the kernel's own needs (dtype, contiguous classes) and the tuning/testing knobs: rows wider than
+    ``max_block_c`` use the tiled kernel, ``block_b`` overrides the images-per-program heuristic (power of two).
     """
-    check_aggregate(cos, logit_scale, zeta, lam)
-    names = check_outputs(outputs)
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
     if cos.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"cosine scores must be float32, float16 or bfloat16, got {cos.dtype}")
     if cos.stride(2) != 1:

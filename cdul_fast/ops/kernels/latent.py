@@ -3,7 +3,7 @@
 Per entry: y = sigmoid(latent), w = psi(y) (or 1), grad = latent - logit(clamp(pred, eps, 1 - eps)),
 latent <- latent - lr * w * grad, and optionally labels = sigmoid(latent_new). The torch version reads and writes the
 [M, C] matrix about ten times through temporaries; this kernel reads latent and pred once and writes latent (and
-labels) once. Oracle: ``cdul_fast.ops.reference.latent_update``.
+labels) once. Oracle (the torch twin, same signature): ``cdul_fast.ops.reference.latent_update_``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from ..checks import check_latent_params, check_latent_tensors
 
 BLOCK = 4096
 """Elements per program: 8 warps x 32 threads x 16 values, i.e. four 16-byte fp32 vectors per thread in flight."""
@@ -71,10 +69,9 @@ def latent_update_(
 ) -> torch.Tensor:
     """Update ``latent`` in place (and fill ``labels_out`` with sigmoid of the result); returns ``latent``.
 
+    Same contract as the twin ``reference.latent_update_``; inputs are validated once, by ``ops.dispatch``.
     ``block`` is a testing knob (power of two) to exercise several programs and a ragged tail on small inputs.
     """
-    check_latent_params(c1, sigma, c2, lr, eps)
-    check_latent_tensors(latent, pred, labels_out)
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     n = latent.numel()
