@@ -12,7 +12,20 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .config import package_defaults, parse_kv, resolve
+from .config import (
+    AGGREGATORS,
+    BACKENDS,
+    CACHE_MODES,
+    METHODS,
+    OUTPUTS,
+    PRECISIONS,
+    PROVIDERS,
+    SCHEDULERS,
+    TARGETS,
+    package_defaults,
+    parse_kv,
+    resolve,
+)
 from .errors import CdulError, DependencyError
 from .views.registry import CHOICES as DECODER_CHOICES
 from .views.registry import decoder_help
@@ -81,18 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "JSON model config, or the shipped 'shapes-clip'")
     f.add("--clip-weights", help="pretrained tag (e.g. openai), local checkpoint (.safetensors/.pt), or 'random' "
                                  "(seeded random init, for tests); omitted = the model's default")
-    f.add("--clip-precision", choices=["auto", "fp32", "fp16", "bf16"], help="encoder precision")
+    f.add("--clip-precision", choices=PRECISIONS, help="encoder precision")
     f.add("--template", help="prompt template; '{}' is replaced by the class name")
     f.add("--grid", type=int, help="G: the image is cut into G x G snippets")
     f.add("--zeta", type=float, help="min-max threshold: a class keeps its max snippet score if it reaches zeta")
     f.add("--lam", type=float, help="lambda: 0 = average of global and aggregate scores, 1 = their max")
-    f.add("--aggregator", choices=["global", "avg", "max", "cdul"], help="aggregator stored as 'final' (Table 3)")
-    f.add("--save", type=_csv, help="extra arrays to store, comma-separated: global,aggregate,cdul,avg,max")
+    f.add("--aggregator", choices=AGGREGATORS, help="aggregator stored as 'final' (Table 3)")
+    f.add("--save", type=_csv, help=f"extra arrays to store, comma-separated: {','.join(OUTPUTS)}")
     f.add("--batch-size", type=int, help="images per encoder batch; a resumed run must use the same value")
     f.add("--decoder", choices=DECODER_CHOICES, help=decoder_help())
     f.add("--workers", type=int, help="decode workers")
     f.add("--device", help="auto, cpu, cuda or cuda:N")
-    f.add("--backend", choices=["auto", "triton", "torch"], help="aggregation kernel")
+    f.add("--backend", choices=BACKENDS, help="aggregation kernel")
     f.add("--seed", type=int, help="seed (random CLIP init)")
     f.add("--flush-every", type=int, help="msync the store every N batches")
     f.add("--resume", action="store_true", help="continue an interrupted store (same settings required)")
@@ -134,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--batch-size", type=int, help="images per step")
     f.add("--lr", type=float, help="AdamW learning rate")
     f.add("--weight-decay", type=float, help="AdamW weight decay")
-    f.add("--scheduler", choices=["cosine", "none"], help="learning-rate schedule")
-    f.add("--method", choices=["cdul", "an", "ls", "epr"],
+    f.add("--scheduler", choices=SCHEDULERS, help="learning-rate schedule")
+    f.add("--method", choices=METHODS,
           help="cdul (KL + latent updates), an (BCE, assume negative), ls (label smoothing), epr (expected positive "
                "regularization)")
-    f.add("--targets", choices=["soft", "hard"], help="soft pseudo labels or hard (thresholded) ones")
+    f.add("--targets", choices=TARGETS, help="soft pseudo labels or hard (thresholded) ones")
     f.add("--hard-threshold", type=float, help="threshold for hard labels and the baselines")
     f.add("--no-update-labels", action="store_false", key="update_labels",
           help="ablation: never update the pseudo labels (cdul)")
@@ -151,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--epr-weight", type=float, help="weight of the expected-positive penalty (epr baseline)")
     f.add("--no-flip", action="store_false", key="flip", help="no random horizontal flips")
     f.add("--device", help="auto, cpu, cuda or cuda:N")
-    f.add("--backend", choices=["auto", "triton", "torch"], help="latent-update kernel")
+    f.add("--backend", choices=BACKENDS, help="latent-update kernel")
     f.add("--workers", type=int, help="image decode workers")
-    f.add("--cache-images", choices=["auto", "yes", "no"], help="keep decoded training images in RAM")
+    f.add("--cache-images", choices=CACHE_MODES, help="keep decoded training images in RAM")
     f.add("--seed", type=int, help="seed (data order, augmentation, initialization)")
     f.add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     f.add("--overwrite", action="store_true", help="start over in a non-empty run folder")
@@ -181,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_flags(f)
     f.add("--out", "-o", help="scores file: .csv (id + one column per class) or .json")
     f.add("--batch-size", type=int, help="images per ONNX Runtime call")
-    f.add("--device", choices=["auto", "cuda", "cpu"], help="execution provider")
+    f.add("--device", choices=PROVIDERS, help="execution provider")
     f.add("--no-progress", action="store_true", help="no progress bar", key="no_progress")
     pr.set_defaults(func=cmd_predict)
 

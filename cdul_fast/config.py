@@ -1,4 +1,6 @@
-"""YAML defaults + --config file + command-line overrides, resolved in that order (timm-style)."""
+"""YAML defaults + --config file + command-line overrides, resolved in that order (timm-style), and the named
+choices of the options (one home: the CLI, the config dataclasses and the stages take them from here; torch-free, so
+``cdul-fast --help`` stays fast)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,25 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+
+AGGREGATORS: tuple[str, ...] = ("global", "avg", "max", "cdul")
+"""Aggregators of Table 3: global only, mean of all views, max over all views, CDUL's min-max + lambda combine."""
+OUTPUTS: tuple[str, ...] = ("global", "aggregate", "cdul", "avg", "max")
+"""Aggregates the label stage can compute (and store with --save); ``aggregate`` is eq. 6 before the combine."""
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
+METHODS: tuple[str, ...] = ("cdul", "an", "ls", "epr")
+"""cdul (KL + latent updates) and the baselines on the same loop: assume negative, label smoothing, EPR."""
+TARGETS: tuple[str, ...] = ("soft", "hard")
+SCHEDULERS: tuple[str, ...] = ("cosine", "none")
+CACHE_MODES: tuple[str, ...] = ("auto", "yes", "no")
+PROVIDERS: tuple[str, ...] = ("auto", "cuda", "cpu")
+
+
+def check_choice(flag: str, value: object, choices: tuple[str, ...]) -> None:
+    """One-line error for a value outside its named choices (configs can come from YAML files, not only argparse)."""
+    if value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def package_defaults(command: str) -> dict:

@@ -101,8 +101,8 @@ def test_latent_update_on_the_run_store_matches_reference(world, tmp_path):
     tr.store.array("pred")[:] = pred
     tr._update_latent()
     cfg = tr.cfg
-    expected = ref.latent_update(torch.from_numpy(latent0), torch.from_numpy(pred), cfg.c1, cfg.sigma, cfg.psi_c2,
-                                 cfg.label_lr)
+    expected = ref.latent_update_(torch.from_numpy(latent0.copy()), torch.from_numpy(pred), cfg.c1, cfg.sigma,
+                                  cfg.psi_c2, cfg.label_lr)
     np.testing.assert_allclose(tr.store.array("latent"), expected.numpy(), atol=1e-6)
     np.testing.assert_allclose(tr.store.array("labels"), torch.sigmoid(expected).numpy(), atol=1e-6)
     tr.store.close()

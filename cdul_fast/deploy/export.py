@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
+from ..fsutil import atomic_write
 from ..train.checkpoint import load_checkpoint, load_state_dict_file
 from ..train.classifier import build_classifier
 
@@ -91,9 +92,7 @@ def _add_metadata(path: Path, info: dict) -> None:
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(model, full_check=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    onnx.save(model, str(path))
 
 
 def check_against_torch(module: nn.Module, path: Path, size: int, batches: tuple[int, ...] = (1, 3),
@@ -121,13 +120,16 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, atol: 
     size = trained.info["image_size"]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".export")
-    example = torch.rand(2, 3, size, size)
-    _export_graph(trained.module, example, tmp, opset)
-    _add_metadata(tmp, trained.info)
-    diff = check_against_torch(trained.module, tmp, size)
-    if diff > atol:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"ONNX Runtime output differs from torch by {diff:.2e} (> {atol:.0e}); not written")
-    tmp.replace(out)
-    return {"out": str(out), "max_abs_diff": diff, "image_size": size, "classes": len(trained.info["class_names"])}
+    checked: dict[str, float] = {}
+
+    def write(tmp: Path) -> None:  # export, metadata, checks on the temporary file; renamed only when all pass
+        _export_graph(trained.module, torch.rand(2, 3, size, size), tmp, opset)
+        _add_metadata(tmp, trained.info)
+        checked["diff"] = check_against_torch(trained.module, tmp, size)
+        if checked["diff"] > atol:
+            raise ConfigError(f"ONNX Runtime output differs from torch by {checked['diff']:.2e} (> {atol:.0e}); "
+                              "not written")
+
+    atomic_write(out, write)
+    return {"out": str(out), "max_abs_diff": checked["diff"], "image_size": size,
+            "classes": len(trained.info["class_names"])}

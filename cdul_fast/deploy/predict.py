@@ -16,6 +16,7 @@ import numpy as np
 
 from ..datasets.images import load_square
 from ..errors import ConfigError, ImageDecodeError, WeightsError
+from ..fsutil import atomic_write, write_text_atomic
 
 
 @dataclass
@@ -87,15 +88,17 @@ def predict_paths(model: OnnxClassifier, paths: list[Path], batch_size: int = 32
 def write_scores(out: Path, ids: list[str], classes: tuple[str, ...], scores: np.ndarray) -> None:
     """CSV (id, one column per class) or JSON ({id: {class: score}}), chosen by the file suffix."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".tmp")
     if out.suffix.lower() == ".json":
         data = {i: (None if np.isnan(s).any() else {c: round(float(v), 6) for c, v in zip(classes, s)})
                 for i, s in zip(ids, scores)}
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    else:
+        write_text_atomic(out, json.dumps(data, indent=1))
+        return
+
+    def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["id", *classes])
             for i, s in zip(ids, scores):
                 w.writerow([i, *("" if np.isnan(v) else f"{v:.6f}" for v in s)])
-    tmp.replace(out)
+
+    atomic_write(out, write_csv)

@@ -22,18 +22,16 @@ import torch
 
 from .._backend import resolve_device
 from ..clip.loader import DEFAULT_TEMPLATE, ClipModel, load_clip
+from ..config import AGGREGATORS, BACKENDS, OUTPUTS, PRECISIONS, check_choice
 from ..datasets import MultiLabelSet, load_dataset
 from ..errors import ConfigError, StoreError
 from ..fsutil import save_yaml_atomic, write_text_atomic
 from ..ops import dispatch as ops
-from ..ops.reference import AGGREGATORS
 from ..store.label_store import SKIPPED, LabelStore
 from ..views.geometry import ViewSpec, normalize_views
 from ..views.registry import ALIASES as DECODER_ALIASES
 from ..views.registry import make_view_source
 from ..views.source import plan_blocks
-
-ARRAY_CHOICES = ("global", "aggregate", "cdul", "avg", "max")
 
 
 @dataclass
@@ -72,17 +70,16 @@ class LabelConfig:
             raise ConfigError(f"--zeta must be in [0, 1] (softmax scores are), got {self.zeta}")
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"--lam must be in [0, 1] (0 = average, 1 = max of global and local), got {self.lam}")
-        if self.aggregator not in AGGREGATORS:
-            raise ConfigError(f"--aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
-        bad = [s for s in self.save if s not in ARRAY_CHOICES]
+        check_choice("--aggregator", self.aggregator, AGGREGATORS)
+        bad = [s for s in self.save if s not in OUTPUTS]
         if bad:
-            raise ConfigError(f"--save accepts {', '.join(ARRAY_CHOICES)}; unknown: {', '.join(bad)}")
+            raise ConfigError(f"--save accepts {', '.join(OUTPUTS)}; unknown: {', '.join(bad)}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ConfigError(f"--backend must be auto, triton or torch, got {self.backend!r}")
+        check_choice("--backend", self.backend, BACKENDS)
+        check_choice("--clip-precision", self.clip_precision, PRECISIONS)
 
 
 def _ids_digest(ds: MultiLabelSet) -> str:
@@ -143,10 +140,8 @@ def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: di
 
 
 def _precision(cfg: LabelConfig, device: torch.device) -> str:
-    if cfg.clip_precision == "auto":
+    if cfg.clip_precision == "auto":  # validated in LabelConfig.validate
         return "bf16" if device.type == "cuda" else "fp32"
-    if cfg.clip_precision not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"--clip-precision must be auto, fp32, fp16 or bf16, got {cfg.clip_precision!r}")
     return cfg.clip_precision
 
 

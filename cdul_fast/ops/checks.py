@@ -8,8 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-OUTPUTS: tuple[str, ...] = ("global", "aggregate", "cdul", "avg", "max")
-"""Aggregates a caller may request from ``aggregate_scores``; each is a float32 [B, C] tensor."""
+from ..config import OUTPUTS  # the aggregates a caller may request; each is a float32 [B, C] tensor
 
 PRED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Input dtypes both twins take (cosine scores, predictions); they compute in float32."""

@@ -16,9 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-AGGREGATORS: tuple[str, ...] = ("global", "avg", "max", "cdul")
-"""Aggregators of Table 3: global only, mean of all views, max over all views, CDUL's min-max + lambda combine."""
-
 
 def cosine_scores(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Eq. 1 and 3: cosine similarity of every view embedding [B, V, K] with every class embedding [C, K]."""

@@ -256,8 +256,9 @@ def view_cosines(clip, ds, grid: int = GRID, batch: int = 64) -> torch.Tensor:
 
 def map_per_aggregator(cos: torch.Tensor, ds, logit_scale: float, zeta: float, lam: float = 1.0) -> dict[str, float]:
     """Pseudo-label mAP (%) of each aggregator of Table 3 against the split's ground truth."""
+    from ..config import AGGREGATORS
     from ..evaluate import evaluate_scores
-    from ..ops.reference import AGGREGATORS, cdul_aggregate
+    from ..ops.reference import cdul_aggregate
 
     labels = cdul_aggregate(cos, logit_scale, zeta, lam, AGGREGATORS)
     return {k: round(evaluate_scores(v.numpy(), ds).map * 100, 2) for k, v in labels.items()}

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from .._backend import resolve_device
+from ..config import BACKENDS, CACHE_MODES, METHODS, SCHEDULERS, TARGETS, check_choice
 from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
 from ..datasets.images import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits, normalize
 from ..errors import ConfigError, StoreError
 from ..evaluate import average_precision
-from ..fsutil import save_json_atomic, save_yaml_atomic
+from ..fsutil import atomic_write, save_json_atomic, save_yaml_atomic
 from ..ops import dispatch as ops
 from ..ops.reference import labels_to_latent, psi_c2_auto
 from ..store.label_store import DONE, LabelStore
@@ -37,7 +38,6 @@ from .checkpoint import load_checkpoint, save_atomic, save_safetensors_atomic
 from .classifier import build_classifier
 from .losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
 
-METHODS = ("cdul", "an", "ls", "epr")
 CKPT_VERSION = 1
 
 
@@ -83,10 +83,11 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.targets not in ("soft", "hard"):
-            raise ConfigError(f"--targets must be soft or hard, got {self.targets!r}")
+        check_choice("--method", self.method, METHODS)
+        check_choice("--targets", self.targets, TARGETS)
+        check_choice("--scheduler", self.scheduler, SCHEDULERS)
+        check_choice("--cache-images", self.cache_images, CACHE_MODES)
+        check_choice("--backend", self.backend, BACKENDS)
         if self.epochs < 1 or self.warmup < 0:
             raise ConfigError(f"--epochs must be >= 1 and --warmup >= 0 (got {self.epochs}, {self.warmup})")
         if self.batch_size < 1 or self.image_size < 8:
@@ -96,10 +97,6 @@ class TrainConfig:
             raise ConfigError("--lr, --label-lr and --sigma must be > 0")
         if not 0.0 < self.hard_threshold < 1.0:
             raise ConfigError(f"--hard-threshold must be in (0, 1), got {self.hard_threshold}")
-        if self.scheduler not in ("cosine", "none"):
-            raise ConfigError(f"--scheduler must be cosine or none, got {self.scheduler!r}")
-        if self.cache_images not in ("auto", "yes", "no"):
-            raise ConfigError(f"--cache-images must be auto, yes or no, got {self.cache_images!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
@@ -382,14 +379,16 @@ class Trainer:
 
     def _write_log(self) -> None:
         keys = ["epoch", "train_loss", "pseudo_map", "test_map", "seconds"]
-        tmp = self.out / ".log.csv.tmp"
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-            w.writeheader()
-            for row in self.history:
-                w.writerow({k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k]))
-                                else row[k]) for k in keys})
-        tmp.replace(self.out / "log.csv")
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+                w.writeheader()
+                for row in self.history:
+                    w.writerow({k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k]))
+                                    else row[k]) for k in keys})
+
+        atomic_write(self.out / "log.csv", write)
 
     def _save_model(self) -> None:
         info = {"arch": self.cfg.arch, "num_classes": len(self.classes), "class_names": list(self.classes),
@@ -441,7 +440,7 @@ def _plot(history: list[dict], path: Path) -> None:
     b.set(xlabel="epoch", ylabel="mAP (%)", title="mAP")
     b.legend()
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
