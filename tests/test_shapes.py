@@ -181,13 +181,13 @@ def test_clip_training_script_is_seeded(tmp_path):
 @pytest.mark.slow
 def test_full_retraining_reproduces_the_shipped_checkpoint(tmp_path):
     """Same machine type: bit-identical weights. Elsewhere: metrics within the tolerance stated in docs/shapes.md."""
-    from cdul_fast.shapes.clip_training import TrainConfig, evaluate, train
+    from cdul_fast.shapes.clip_training import ClipTrainConfig, evaluate_clip, train
 
-    cfg = TrainConfig(**{k: INFO[k] for k in ("steps", "batch", "lr", "pool", "seed", "threads")})
+    cfg = ClipTrainConfig(**{k: INFO[k] for k in ("steps", "batch", "lr", "pool", "seed", "threads")})
     info = train(tmp_path / "clip", cfg, measure=False, log=lambda s: None)
     if info["sha256"] == INFO["sha256"]:
         return
-    res = evaluate(tmp_path / "clip", log=lambda s: None)
+    res = evaluate_clip(tmp_path / "clip", log=lambda s: None)
     assert abs(res["zero_shot_top1"] - INFO["zero_shot_top1"]) <= TOLERANCE["zero_shot_top1"]
     for k in ("global", "cdul"):
         assert abs(res["map"][k] - INFO["map"][k]) <= TOLERANCE["map"], (k, res["map"], INFO["map"])

@@ -222,6 +222,28 @@ def test_pretrained_from_local_file(tmp_path):
         build_classifier("resnet1001", 7)
 
 
+def test_torchvision_checkpoints_load_into_the_timm_model(tmp_path):
+    """Run folders and weight files of 0.1 (torchvision ResNets) still load: timm's ResNets use the same names."""
+    import torchvision
+
+    tv = torchvision.models.resnet18(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "resnet18-tv.pth")
+    model = build_classifier("resnet18", 4, str(tmp_path / "resnet18-tv.pth"))
+    assert torch.equal(model.layer4[1].conv2.weight, tv.layer4[1].conv2.weight) and model.fc.out_features == 4
+    tv.fc = torch.nn.Linear(512, 4)
+    model.load_state_dict(tv.state_dict())  # a 0.1 run's model.safetensors: same keys, same shapes
+
+
+def test_pretrained_tags_offline_fail_in_one_line(monkeypatch):
+    import cdul_fast.clip.loader as cl
+
+    monkeypatch.setattr(cl, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(WeightsError, match="not in the Hugging Face cache"):
+        build_classifier("resnet18", 3, "IMAGENET1K_V1")  # torchvision's name for timm's tv_in1k
+    with pytest.raises(WeightsError, match="neither a file nor a timm weights tag"):
+        build_classifier("resnet18", 3, "no_such_tag")
+
+
 def test_bad_configs_are_rejected(world, tmp_path):
     with pytest.raises(ConfigError, match="--method"):
         _cfg(world, tmp_path / "x", method="role").validate()

@@ -141,6 +141,32 @@ def _load_weights_file(model: torch.nn.Module, path: Path) -> None:
         raise WeightsError(f"cannot load CLIP weights {path}: {type(exc).__name__}: {exc}") from exc
 
 
+def _load_local_dir(folder: Path, precision: str, device: torch.device):
+    """(model, tokenizer, preprocess cfg, weights file) through open_clip's ``local-dir:`` loading: its config and
+    preprocessing, its rule for which checkpoint of the folder to take (recorded in the store's CLIP identity), and
+    its weights-only load."""
+    import open_clip
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    if not (folder / "open_clip_config.json").is_file():
+        raise ConfigError(f"CLIP folder {folder} has no open_clip_config.json")
+    checkpoint = _find_checkpoint_in_dir(folder)
+    if checkpoint is None:
+        raise WeightsError(f"CLIP folder {folder} holds no weights (*.safetensors, *.bin, *.pth)")
+    spec = f"local-dir:{folder.resolve()}"
+    try:
+        model = open_clip.create_model(spec, precision=precision, device=device, require_pretrained=True)
+        tokenizer = open_clip.get_tokenizer(spec)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"CLIP folder {folder}: {str(exc).splitlines()[0][:300]}") from exc
+    except RuntimeError as exc:
+        raise WeightsError(f"CLIP weights {checkpoint} do not fit the model: {str(exc).splitlines()[0][:300]}") from exc
+    except Exception as exc:  # noqa: BLE001 - unpickling refused, corrupt archive, bad safetensors header, ...
+        raise WeightsError(f"cannot load CLIP weights {checkpoint}: {type(exc).__name__}: {exc}") from exc
+    pre_cfg = {k: v for k, v in (getattr(model.visual, "preprocess_cfg", {}) or {}).items() if k != "size"}
+    return model, tokenizer, pre_cfg, checkpoint  # size: from model.visual.image_size, as for the other branches
+
+
 def _tokenizer_for(model_cfg: dict):
     import open_clip
 
@@ -181,7 +207,10 @@ def load_clip(
     if clip in ALIASES and not target.is_dir():
         raise WeightsError(f"the shipped CLIP {clip!r} is missing from the installation ({target})")
 
-    if target.is_dir() or target.suffix == ".json":
+    if target.is_dir() and weights is None:  # open_clip's own local-dir: layout, weights file and tokenizer
+        model, tokenizer, pre_cfg, weights = _load_local_dir(target, precision, device)
+        name = clip
+    elif target.is_dir() or target.suffix == ".json":
         if target.is_dir():
             cfg_path = target / "open_clip_config.json"
             if not cfg_path.is_file():
@@ -193,11 +222,6 @@ def load_clip(
         model_cfg, pre_cfg = _read_json_config(cfg_path)
         torch.manual_seed(seed)
         model = _build_from_config(model_cfg, precision, device)
-        if weights is None and target.is_dir():
-            found = sorted(target.glob("*.safetensors")) + sorted(target.glob("*.pt")) + sorted(target.glob("*.bin"))
-            if not found:
-                raise WeightsError(f"CLIP folder {target} holds no weights (*.safetensors, *.pt, *.bin)")
-            weights = str(found[0])
         if weights is None:
             raise WeightsError(
                 f"no weights for CLIP config {cfg_path}: pass --clip-weights FILE, or --clip-weights random for a "

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ImageDecodeError
-from ..views.decode import load_rgb
+from ..views.decode import failure_reason, load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,8 +44,8 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
         try:
             return i, torch.from_numpy(load_square(self.paths[i], self.size)), ""
-        except ImageDecodeError as exc:
-            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(exc)
+        except Exception as exc:  # noqa: BLE001 - the decode policy: a reason, never an exception
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), failure_reason(self.paths[i], exc)
 
 
 def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -1,22 +1,23 @@
 """`cdul-fast predict`: per-class scores from an exported ONNX model with ONNX Runtime (CUDA provider when present).
 
 Inputs are a folder of images or a dataset split; outputs a CSV/JSON of scores, and mAP when ground truth exists.
-Preprocessing is ``imageset.load_square`` (the one training used), so ONNX and torch see the same pixels.
+Preprocessing is ``datasets.images.load_square`` (the one training used), so ONNX and torch see the same pixels.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from ..datasets.images import load_square
-from ..errors import ConfigError, ImageDecodeError, WeightsError
+from ..datasets.images import ImageTensors
+from ..errors import ConfigError, WeightsError
 from ..fsutil import atomic_write, write_text_atomic
+from ..views.source import default_workers
 
 
 @dataclass
@@ -62,27 +63,18 @@ def open_model(path: str | Path, device: str = "auto") -> OnnxClassifier:
     return OnnxClassifier(sess, inputs[0].name, outputs[0].name, classes, size, sess.get_providers()[0])
 
 
-def predict_paths(model: OnnxClassifier, paths: list[Path], batch_size: int = 32,
-                  progress: bool = False) -> tuple[np.ndarray, dict[int, str]]:
-    """Scores [N, C] (rows of undecodable images are NaN) and {row: reason} for those images."""
-    from tqdm import tqdm
-
+def predict_paths(model: OnnxClassifier, paths: list[Path], batch_size: int = 32, progress: bool = False,
+                  workers: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """Scores [N, C] (rows of undecodable images are NaN) and {row: reason} for those images; images are decoded
+    in worker processes, batch by batch, while ONNX Runtime scores the previous batch."""
+    images = ImageTensors(paths, model.image_size, workers=default_workers() if workers is None else workers,
+                          cache=False, progress=progress, desc="predict")
     scores = np.full((len(paths), len(model.class_names)), np.nan, dtype=np.float32)
-    errors: dict[int, str] = {}
-    with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-        for start in range(0, len(paths), batch_size):
-            rows, arrays = [], []
-            for r in range(start, min(len(paths), start + batch_size)):
-                try:
-                    arrays.append(load_square(paths[r], model.image_size))
-                    rows.append(r)
-                except ImageDecodeError as exc:
-                    errors[r] = str(exc)
-            if rows:
-                x = np.stack(arrays).astype(np.float32) / 255.0
-                scores[rows] = model(x)
-            bar.update(min(batch_size, len(paths) - start))
-    return scores, errors
+    for rows, x in images.batches(np.arange(len(paths)), batch_size):
+        ok = np.array([i for i, r in enumerate(rows.tolist()) if r not in images.errors], dtype=np.int64)
+        if ok.size:
+            scores[rows[ok]] = model(x[torch.from_numpy(ok)].numpy().astype(np.float32) / 255.0)
+    return scores, dict(images.errors)
 
 
 def write_scores(out: Path, ids: list[str], classes: tuple[str, ...], scores: np.ndarray) -> None:

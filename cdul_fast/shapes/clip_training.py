@@ -53,7 +53,7 @@ EVAL_N = {"train": 1000, "test": 500}  # the dataset's default split sizes
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class ClipTrainConfig:
     """Everything that determines the trained weights (recorded in train_info.json)."""
 
     steps: int = 1200
@@ -145,7 +145,7 @@ def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_schedule
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
 
-def fit(cfg: TrainConfig, log: Callable[[str], None] = say, log_every: int = 100) -> torch.nn.Module:
+def fit(cfg: ClipTrainConfig, log: Callable[[str], None] = say, log_every: int = 100) -> torch.nn.Module:
     """Train from scratch on a seeded in-memory pool; batch order and flips come from a seeded torch Generator."""
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def _machine(threads: int) -> str:
            f"{threads} threads"
 
 
-def train(out: Path, cfg: TrainConfig = TrainConfig(), measure: bool = True,
+def train(out: Path, cfg: ClipTrainConfig = ClipTrainConfig(), measure: bool = True,
           log: Callable[[str], None] = say) -> dict:
     """Train, write config + fp16 safetensors + train_info.json into ``out``; ``measure`` adds the quality metrics."""
     t0 = time.perf_counter()
@@ -212,7 +212,7 @@ def train(out: Path, cfg: TrainConfig = TrainConfig(), measure: bool = True,
         "sha256": sha256(out / WEIGHTS_NAME),
     }
     if measure:
-        info.update(evaluate(out, log=log))
+        info.update(evaluate_clip(out, log=log))
     write_text_atomic(out / "train_info.json", json.dumps(info, indent=2) + "\n")
     return info
 
@@ -271,7 +271,7 @@ def tune_zeta(cos: torch.Tensor, ds, logit_scale: float, zetas: tuple[float, ...
     return best, {str(z): s for z, s in scores.items()}
 
 
-def evaluate(clip_dir: str | Path, root: str | Path | None = None, n_train: int = EVAL_N["train"],
+def evaluate_clip(clip_dir: str | Path, root: str | Path | None = None, n_train: int = EVAL_N["train"],
              n_test: int = EVAL_N["test"], zetas: tuple[float, ...] = ZETAS,
              log: Callable[[str], None] = say) -> dict:
     """Zero-shot top-1 on held-out single objects; zeta tuned on train; pseudo-label mAP per aggregator on test."""
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the tiny CLIP from scratch and measure it")
     t.add_argument("--out", required=True, help="folder for open_clip_config.json, weights and train_info.json")
-    for name, value in asdict(TrainConfig()).items():
+    for name, value in asdict(ClipTrainConfig()).items():
         t.add_argument(f"--{name}", type=type(value), default=value)
     t.add_argument("--no-eval", action="store_true", help="skip the quality metrics (faster)")
     e = sub.add_parser("eval", help="zero-shot accuracy and pseudo-label mAP of a trained CLIP folder")
@@ -317,10 +317,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(getattr(args, "threads", 2))
     if args.cmd == "train":
-        cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+        cfg = ClipTrainConfig(**{k: getattr(args, k) for k in asdict(ClipTrainConfig())})
         info = train(Path(args.out), cfg, measure=not args.no_eval)
     else:
-        info = evaluate(args.clip, args.root, args.n_train, args.n_test, tuple(args.zeta))
+        info = evaluate_clip(args.clip, args.root, args.n_train, args.n_test, tuple(args.zeta))
         if args.update_info:
             path = Path(args.clip) / "train_info.json"
             info = {**json.loads(path.read_text(encoding="utf-8")), **info}

@@ -1,8 +1,9 @@
-"""The classification network: torchvision architectures by name (ResNet-101 in the paper) or the small `shapesnet`.
+"""The classification network: timm architectures by name (ResNet-101 in the paper), ``shapesnet`` or ``clipres``.
 
-``--pretrained`` takes a torchvision weights tag (``DEFAULT``, ``IMAGENET1K_V2``) or a local file (.safetensors or a
-weights-only torch file). Tags are read from torch's hub cache when present; offline and not cached, loading fails
-with one line saying which file to pass. The ImageNet head is replaced by a fresh C-way linear layer.
+``--pretrained`` takes a timm weights tag (``tv2_in1k``, ``a1h_in1k``; torchvision's ``IMAGENET1K_V1/V2`` map to
+timm's copies of them) read from the Hugging Face cache, or a local file (.safetensors or a weights-only torch file,
+e.g. torchvision's own ResNet checkpoints: timm's ResNets use the same names). Offline and not cached, loading fails
+with one line saying which file to pass. timm replaces the ImageNet head by a fresh C-way linear layer.
 """
 
 from __future__ import annotations
@@ -87,48 +88,70 @@ def _shapes_clip_cfg() -> dict:
     return cfg.get("model_cfg", cfg)
 
 
-def _replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the final linear layer of common torchvision families (resnet fc, convnext/effnet classifier, vit)."""
-    if isinstance(getattr(model, "fc", None), nn.Linear):
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-        return
-    head = getattr(model, "classifier", None)
-    if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):
-        head[-1] = nn.Linear(head[-1].in_features, num_classes)
-        return
-    if isinstance(head, nn.Linear):
-        model.classifier = nn.Linear(head.in_features, num_classes)
-        return
-    heads = getattr(model, "heads", None)
-    if heads is not None and isinstance(getattr(heads, "head", None), nn.Linear):
-        heads.head = nn.Linear(heads.head.in_features, num_classes)
-        return
-    raise ConfigError(f"don't know how to replace the head of {type(model).__name__}; use a resnet/convnext/vit arch")
+# torchvision's weight names, kept so commands and run folders of 0.1 still work (timm carries the same weights)
+TORCHVISION_TAGS = {"IMAGENET1K_V1": "tv_in1k", "IMAGENET1K_V2": "tv2_in1k"}
 
 
-def _tag_state_dict(arch: str, tag: str) -> dict[str, torch.Tensor]:
-    import os
+def _cached_tag_file(name: str) -> Path | None:
+    """The weights file of timm's pretrained ``arch.tag`` in the Hugging Face cache, downloaded first when the hub
+    can be reached; None when offline and not cached."""
+    import timm
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    import torchvision
+    from ..clip import loader as clip_loader
 
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    files = ("model.safetensors", "pytorch_model.bin")
+    for f in files:
+        hit = try_to_load_from_cache(repo, f)
+        if isinstance(hit, str):
+            return Path(hit)
+    if not clip_loader._hub_reachable():
+        return None
+    for f in files:
+        try:
+            return Path(hf_hub_download(repo, f))
+        except Exception:  # noqa: BLE001 - the repo may hold only the other file; the caller reports the miss
+            continue
+    return None
+
+
+def _timm_classifier(arch: str, num_classes: int, pretrained: str | None) -> nn.Module:
+    """timm builds the model and its ``num_classes`` head; a pretrained state dict is loaded by us (safetensors or
+    weights-only torch files, never a pickle) and handed to timm, which drops the mismatched ImageNet head."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise ConfigError(f"unknown --arch {arch!r}: use a timm model name (resnet101, resnet50, convnext_tiny, ...), "
+                          "shapesnet or clipres")
+    if not pretrained:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    path = Path(pretrained)
+    name = arch
+    if path.suffix or path.exists():
+        source = path
+    else:
+        tag = TORCHVISION_TAGS.get(pretrained, pretrained)
+        name = arch if tag == "DEFAULT" else f"{arch}.{tag}"
+        if name not in timm.list_pretrained(f"{arch}.*") and tag != "DEFAULT":
+            known = ", ".join(t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")[:8]) or "none"
+            raise WeightsError(f"--pretrained {pretrained!r} is neither a file nor a timm weights tag of {arch} "
+                               f"(tags: {known})")
+        source = _cached_tag_file(name)
+        if source is None:
+            raise WeightsError(f"{name} weights are not in the Hugging Face cache and the hub cannot be reached "
+                               "(offline): download them elsewhere and pass --pretrained /path/to/weights.safetensors")
+    state = load_state_dict_file(source)
     try:
-        weights = torchvision.models.get_model_weights(arch)[tag]
-    except (KeyError, ValueError) as exc:
-        raise WeightsError(f"--pretrained {tag!r} is not a torchvision weights tag of {arch} (try DEFAULT or a file "
-                           "path)") from exc
-    url = weights.url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    if cached.is_file():
-        return load_state_dict_file(cached)
-    try:
-        return torch.hub.load_state_dict_from_url(url, progress=False, weights_only=True)
-    except Exception as exc:  # offline: DNS/connection errors
-        raise WeightsError(f"{arch} weights {tag} are not cached and cannot be downloaded ({type(exc).__name__}); "
-                           f"download {url} elsewhere and pass --pretrained /path/to/{os.path.basename(url)}") from exc
+        return timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                 pretrained_cfg_overlay={"state_dict": state})
+    except RuntimeError as exc:  # missing/unexpected keys or shape mismatches: another architecture's weights
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise WeightsError(f"{pretrained} does not fit {arch}: {first[:200]}") from exc
 
 
 def build_classifier(arch: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
-    """``arch`` (a torchvision model name or ``shapesnet``) with a ``num_classes``-way head."""
+    """``arch`` (a timm model name, ``shapesnet`` or ``clipres``) with a ``num_classes``-way head."""
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if arch == "shapesnet":
@@ -148,21 +171,4 @@ def build_classifier(arch: str, num_classes: int, pretrained: str | None = None)
                 src = files[0]
             model.load_clip_visual({k: v.float() for k, v in load_state_dict_file(src).items()})
         return model
-    import torchvision
-
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ConfigError(f"unknown --arch {arch!r}: use a torchvision classification model (resnet101, resnet50, "
-                          "convnext_tiny, ...) or shapesnet")
-    model = torchvision.models.get_model(arch, weights=None)
-    if pretrained:
-        path = Path(pretrained)
-        state = load_state_dict_file(path) if path.suffix or path.exists() else _tag_state_dict(arch, pretrained)
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shape mismatches
-            raise WeightsError(f"{pretrained} does not fit {arch}: {str(exc).splitlines()[1].strip()[:200]}") from exc
-        if len(missing) > 4 or len(unexpected) > 4:  # a head mismatch is fine, a different architecture is not
-            raise WeightsError(f"{pretrained} does not fit {arch}: {len(missing)} missing and {len(unexpected)} "
-                               f"unexpected keys (e.g. {(missing or unexpected)[:3]})")
-    _replace_head(model, num_classes)
-    return model
+    return _timm_classifier(arch, num_classes, pretrained)
