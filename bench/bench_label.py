@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--decoders", default="auto", help="comma-separated decoders to time (auto,nvjpeg,dali,...)")
+    ap.add_argument("--decoders", default="auto", help="comma-separated decoders to time (auto,pil,tensor,dali)")
     ap.add_argument("--csv", default=str(Path(__file__).parent / "results" / "label.csv"))
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

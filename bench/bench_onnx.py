@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_rows  # noqa: E402
 
-from cdul_fast.datasets.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from cdul_fast.deploy.export import export_onnx, load_trained  # noqa: E402
 from cdul_fast.train.checkpoint import save_safetensors_atomic  # noqa: E402
 from cdul_fast.train.classifier import build_classifier  # noqa: E402
+from cdul_fast.views.square import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def _median_ms(fn, reps: int) -> float:

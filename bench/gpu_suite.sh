@@ -70,7 +70,7 @@ if [[ $SMOKE == 1 ]]; then
   want tests && step tests-gpu $PY -m pytest -q -m gpu tests/test_kernels.py tests/test_tensor_views.py
   want kernels && step kernels $PY bench/bench_kernels.py --quick
   want label && step label-shapes $PY bench/bench_label.py --images 16 --naive-images 2 --batch-size 8 \
-    --decoders auto,nvjpeg
+    --decoders auto,tensor
   want scaling && step scaling $PY bench/bench_scaling.py --sizes 20 40
   want onnx && step onnx $PY bench/bench_onnx.py --arch clipres --size 64 --batch 1 4
   want projection && step projection $PY bench/project_nus.py
@@ -80,9 +80,9 @@ else
   # the shipped toy CLIP (64 px views: decode-bound by design) and RN50x64 at 448 px (the paper's encoder, random
   # weights: throughput does not depend on them), NUS-WIDE-sized JPEGs (500x375)
   want label && step label-shapes $PY bench/bench_label.py --images 512 --side 375 --batch-size 64 \
-    --decoders nvjpeg,torchvision
+    --decoders tensor,pil
   want label && step label-rn50x64 $PY bench/bench_label.py --images 192 --side 375 --batch-size 32 \
-    --naive-images 4 --clip RN50x64 --clip-weights random --decoders nvjpeg,torchvision
+    --naive-images 4 --clip RN50x64 --clip-weights random --decoders tensor,pil
   want scaling && step scaling $PY bench/bench_scaling.py --sizes 500 1000 2000 4000
   want onnx && step onnx-resnet50 $PY bench/bench_onnx.py --arch resnet50 --size 224 --batch 1 32
   want onnx && step onnx-clipres $PY bench/bench_onnx.py --arch clipres --size 128 --batch 1 64

@@ -137,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_flags(f)
     f.add("--test-split", help="split for test mAP each epoch ('none' to skip)")
     f.add("--labels-array", help="store array that initializes the pseudo labels")
-    f.add("--arch", help="torchvision model name (resnet101, resnet50, convnext_tiny, ...), shapesnet (small CNN), or "
+    f.add("--arch", help="timm model name (resnet101, resnet50, convnext_tiny, ...), shapesnet (small CNN), or "
                          "clipres (an open_clip ResNet trunk; with --pretrained shapes-clip the shipped CLIP's)")
-    f.add("--pretrained", help="torchvision weights tag (DEFAULT, IMAGENET1K_V2), a local weights file, or for "
-                               "clipres a CLIP folder/alias (shapes-clip)")
+    f.add("--pretrained", help="timm weights tag read from the Hugging Face cache (tv2_in1k, a1h_in1k, DEFAULT; "
+                               "torchvision's IMAGENET1K_V1/V2 name timm's tv_in1k/tv2_in1k), a local weights file "
+                               "(.safetensors or weights-only .pth), or for clipres a CLIP folder/alias (shapes-clip)")
     f.add("--image-size", type=int, help="input side: the whole image is resized to S x S")
     f.add("--epochs", type=int, help="training epochs")
     f.add("--warmup", type=int, help="epochs before the first latent label update")

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from cdul_fast.cli import main
-from cdul_fast.datasets.images import IMAGENET_MEAN, IMAGENET_STD, load_square
 from cdul_fast.deploy.export import export_onnx, load_trained
 from cdul_fast.deploy.predict import open_model, predict_paths
 from cdul_fast.errors import WeightsError
 from cdul_fast.train.checkpoint import save_safetensors_atomic
 from cdul_fast.train.classifier import build_classifier
+from cdul_fast.views.square import IMAGENET_MEAN, IMAGENET_STD, load_square
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -1,7 +1,7 @@
 """`cdul-fast predict`: per-class scores from an exported ONNX model with ONNX Runtime (CUDA provider when present).
 
 Inputs are a folder of images or a dataset split; outputs a CSV/JSON of scores, and mAP when ground truth exists.
-Preprocessing is ``datasets.images.load_square`` (the one training used), so ONNX and torch see the same pixels.
+Preprocessing is ``views.square.load_square`` (the one training used), so ONNX and torch see the same pixels.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..datasets.images import ImageTensors
 from ..errors import ConfigError, WeightsError
 from ..fsutil import atomic_write, write_text_atomic
 from ..views.source import default_workers
+from ..views.square import ImageTensors
 
 
 @dataclass

@@ -27,13 +27,13 @@ import torch
 from .._backend import resolve_device
 from ..config import BACKENDS, CACHE_MODES, METHODS, SCHEDULERS, TARGETS, check_choice
 from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
-from ..datasets.images import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits, normalize
 from ..errors import ConfigError, StoreError
 from ..evaluate import average_precision
 from ..fsutil import atomic_write, save_json_atomic, save_yaml_atomic
 from ..ops import dispatch as ops
 from ..ops.reference import labels_to_latent, psi_c2_auto
 from ..store.label_store import DONE, LabelStore
+from ..views.square import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits, normalize
 from .checkpoint import load_checkpoint, save_atomic, save_safetensors_atomic
 from .classifier import build_classifier
 from .losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss

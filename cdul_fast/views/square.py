@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..views.decode import failure_reason, load_rgb
+from .decode import failure_reason, load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
