@@ -3,10 +3,11 @@
 Set CDUL_FAST_NO_EXT=1 to install without compiling; the package then uses its numpy.memmap fallback. CMAKE_ARGS
 (extra configure arguments), CMAKE_GENERATOR and CMAKE_BUILD_PARALLEL_LEVEL are honoured.
 
-Why setuptools + CMake (pybind11's cmake_example) rather than scikit-build-core: the extension is optional. With
-CDUL_FAST_NO_EXT=1 the same build definition yields a pure ``py3-none-any`` wheel that works through the fallback
-(tests/test_packaging.py installs both wheels); scikit-build-core always produces a platform wheel and has no switch
-to leave the compiled part out.
+Why setuptools + CMake (pybind11's cmake_example) is kept rather than moving to scikit-build-core: the extension is
+optional, and here one environment variable turns the same build definition into a pure ``py3-none-any`` wheel that
+works through the fallback (tests/test_packaging.py builds and installs both wheels). scikit-build-core could express
+that with conditional overrides, but the move would change no behaviour or figure; CMakeLists.txt stays the one
+build definition either way.
 """
 
 from __future__ import annotations
