@@ -71,17 +71,35 @@ def has_dali() -> bool:
         return False
 
 
+STORE_EXT_ABI = 1
+"""The ``ABI_VERSION`` this package expects of ``cdul_fast.store._store`` (csrc/store_module.cpp defines it)."""
+
+
+def _fallback_warning(why: str) -> None:
+    if os.environ.get("CDUL_FAST_QUIET_FALLBACK", "0") in ("", "0"):
+        warnings.warn(
+            f"{why}; using the numpy.memmap fallback for label stores (same format, same zlib checksums) and the torch "
+            "path for the CPU latent update (equal up to float rounding, but slower: see bench/RESULTS.md)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 @functools.cache
 def store_ext() -> ModuleType | None:
-    """The pybind11 label-store extension, or None (with one warning) when it was not built."""
+    """The pybind11 label-store extension, or None (with one warning) when it was not built or is stale.
+
+    A stale build (left from an older checkout, with another ``ABI_VERSION``) could lack functions this code calls or
+    take other arguments, so it is treated as missing rather than half used.
+    """
     try:
-        return importlib.import_module("cdul_fast.store._store")
+        mod = importlib.import_module("cdul_fast.store._store")
     except ImportError as exc:
-        if os.environ.get("CDUL_FAST_QUIET_FALLBACK", "0") in ("", "0"):
-            warnings.warn(
-                f"cdul_fast.store._store extension not available ({exc}); using the numpy.memmap fallback for label "
-                "stores (same format, slower checksums). Reinstall with `pip install -e .` to build it.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        _fallback_warning(f"cdul_fast.store._store extension not available ({exc}); rebuild it with `pip install -e .`")
         return None
+    found = getattr(mod, "ABI_VERSION", None)
+    if found != STORE_EXT_ABI:
+        _fallback_warning(f"{mod.__file__} is stale (ABI version {found}, this cdul_fast needs {STORE_EXT_ABI}); "
+                          "rebuild it with `pip install -e .`")
+        return None
+    return mod

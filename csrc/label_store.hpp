@@ -1,6 +1,6 @@
-// The systems half of the label store: a locked, memory-mapped file exposed to Python through the buffer protocol,
-// plus CRC-32 (IEEE, equal to zlib.crc32) that runs without the GIL. The format itself (header layout, validation)
-// lives in cdul_fast/store.py so both backends share one definition; see docs/store_format.md.
+// The systems half of the label store: a locked, memory-mapped file exposed to Python through the buffer protocol.
+// The format itself (header layout, validation, CRC-32 through zlib) lives in cdul_fast/store/label_store.py so both
+// backends share one definition; see docs/store_format.md.
 #pragma once
 
 #include <cstddef>
@@ -15,9 +15,6 @@ namespace cdul {
 struct LockedError : std::runtime_error {
   explicit LockedError(const std::string& path) : std::runtime_error(path + " is locked by another process") {}
 };
-
-// CRC-32/IEEE (reflected, poly 0xEDB88320), slicing-by-8; crc32(data, n, 0) == zlib.crc32(data).
-uint32_t crc32(const uint8_t* data, size_t n, uint32_t crc = 0);
 
 // A file mapped shared into memory with an advisory flock held for the mapping's lifetime (or until unlock()).
 class MappedFile {

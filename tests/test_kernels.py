@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from cdul_fast._backend import store_ext
 from cdul_fast.ops import dispatch as ops
 from cdul_fast.ops import kernels, reference
 
@@ -327,7 +328,7 @@ def _memmaps(tmp_path: Path, M: int, C: int, pred_dtype=np.float32, seed: int = 
     return latent, lat_mm, pred_ro, lab_mm
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("pred_dtype", [np.float32, np.float16], ids=["pred32", "pred16"])
 def test_latent_stream_memmap(tmp_path: Path, monkeypatch, backend: str, pred_dtype) -> None:
     M, C, chunk = 1000, 81, 128  # 7 full chunks and a ragged one
@@ -338,17 +339,24 @@ def test_latent_stream_memmap(tmp_path: Path, monkeypatch, backend: str, pred_dt
     base, end = lat_mm.ctypes.data, lat_mm.ctypes.data + lat_mm.nbytes
     def spy(real, impl: str):
         def run(lat, pred, *a, **kw):
-            seen.append((lat.shape[0], base <= lat.data_ptr() < end, impl))
+            ptr = lat.ctypes.data if isinstance(lat, np.ndarray) else lat.data_ptr()
+            seen.append((lat.shape[0], base <= ptr < end, impl))
             return real(lat, pred, *a, **kw)
         return run
 
-    for impl, module in (("torch", reference), ("triton", kernels)):  # which twin ran, on which memory
-        monkeypatch.setattr(module, "latent_update_", spy(module.latent_update_, impl))
+    ext = store_ext()  # on CPU, "auto" runs the extension's fused loop once on the whole memmap when it is built
+    for impl, module, name in (("torch", reference, "latent_update_"), ("triton", kernels, "latent_update_"),
+                               ("ext", ext, "latent_update")):  # which implementation ran, on which memory
+        if module is not None:
+            monkeypatch.setattr(module, name, spy(getattr(module, name), impl))
     ops.latent_update_stream(lat_mm, pred_ro, C1, SIGMA, C2, 0.5, True, device="cpu", chunk_rows=chunk,
                              labels_out_np=lab_mm, backend=backend)
-    assert [n for n, _, _ in seen] == [chunk] * 7 + [M - 7 * chunk]
-    assert all(view for _, view, _ in seen), "chunks must be zero-copy views of the memmap"
-    assert {impl for _, _, impl in seen} == {"torch" if backend == "auto" else "triton"}
+    if backend == "auto" and ext is not None:
+        assert seen == [(M, True, "ext")]
+    else:
+        assert [n for n, _, _ in seen] == [chunk] * 7 + [M - 7 * chunk]
+        assert all(view for _, view, _ in seen), "chunks must be zero-copy views of the memmap"
+        assert {impl for _, _, impl in seen} == {"triton" if backend == "triton" else "torch"}
     lat_mm.flush()
     back = torch.from_numpy(np.array(np.memmap(tmp_path / "latent.f32", dtype=np.float32, mode="r", shape=(M, C))))
     torch.testing.assert_close(back, ref, rtol=1e-6, atol=1e-5)

@@ -16,6 +16,7 @@ from PIL import Image
 from cdul_fast.cli import main
 from cdul_fast.clip.loader import load_clip
 from cdul_fast.datasets import load_dataset
+from cdul_fast.errors import StoreError
 from cdul_fast.evaluate import evaluate_store
 from cdul_fast.label.pipeline import LabelConfig, run_label
 from cdul_fast.store.label_store import LabelStore
@@ -238,6 +239,22 @@ def test_ctrl_c_leaves_a_clean_store_and_says_how_to_resume(tmp_path, image_fold
     whole = tmp_path / "whole.cdul"
     assert main(_cli_args(whole, image_folder)) == 0
     assert out.read_bytes() == whole.read_bytes()
+
+
+def test_a_store_resumes_when_the_same_weights_moved(tmp_path, image_folder, clip):
+    """09bd33f installed the shipped CLIP elsewhere: same weights (same clip_identity), another path; still resumes.
+    Other weights (another identity) are still refused."""
+    out = tmp_path / "moved.cdul"
+    run_label(_cfg(out, image_folder), log=lambda s: None, clip=clip)
+    with LabelStore.open(out, mode="r+") as st:
+        st.update_meta({**st.meta, "clip_weights": "/old/site-packages/cdul_fast/assets/x.safetensors"})
+        st.done[8:] = 0
+    assert run_label(_cfg(out, image_folder, resume=True), log=lambda s: None, clip=clip).complete
+    with LabelStore.open(out, mode="r+") as st:
+        st.update_meta({**st.meta, "clip_identity": "0123456789abcdef"})
+        st.done[8:] = 0
+    with pytest.raises(StoreError, match="clip_identity"):
+        run_label(_cfg(out, image_folder, resume=True), log=lambda s: None, clip=clip)
 
 
 @pytest.mark.parametrize("decoder", ["pil", "auto", "torchvision"])

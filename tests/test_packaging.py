@@ -112,12 +112,28 @@ def test_optional_modules_have_working_fallbacks(tmp_path: Path) -> None:
 
 # --- the built wheel -----------------------------------------------------------------------------------------------
 
+def _source_copy(dst: Path) -> Path:
+    """The checkout as a fresh clone has it (tracked and untracked-not-ignored files): a developer's build/ folder
+    holds stale outputs of older layouts that setuptools would pack into the wheel."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout.strip():
+        for rel in listed.stdout.splitlines():
+            if (ROOT / rel).is_file():
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, dst / rel)
+        return dst
+    shutil.copytree(ROOT, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+        "build", ".venv*", "__pycache__", "*.so", "*.egg-info", ".git"))
+    return dst
+
+
 def _build_wheel(out: Path, no_ext: bool) -> Path:
     env = dict(os.environ)
     env.pop("CDUL_FAST_NO_EXT", None)
     if no_ext:
         env["CDUL_FAST_NO_EXT"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+    src = _source_copy(out / "src")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wheels = list(out.glob("cdul_fast-*.whl"))

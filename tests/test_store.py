@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import base64
 import signal
 import struct
 import subprocess
@@ -262,16 +262,41 @@ def test_write_validation_meta_update_and_empty_store(tmp_path, backend):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
-def test_ext_crc_matches_zlib():
-    ext = store_ext()
-    if ext is None:
-        pytest.skip("extension not built")
-    rng = np.random.default_rng(0)
-    for n in (0, 1, 7, 8, 9, 63, 4097, 100_003):
-        data = rng.integers(0, 256, n, dtype=np.uint8)
-        assert ext.crc32(data) == zlib.crc32(data.tobytes())
-        assert ext.crc32(data[1:]) == zlib.crc32(data[1:].tobytes())  # unaligned start
-    assert os.path.basename(ext.__file__).startswith("_store")
+# A 7 x 3 store written by commit 2e98d3b's extension backend, whose CRC-32 was a hand-written slicing-by-8 loop:
+# rows 0-5 of "final" = arange(18) / 32, of "global" = 1 - that, row 6 skipped; zlib-compressed, base64.
+_OLD_STORE = (
+    "eNrt2L1Km1EcwOETHeroKHQJZ+rgIHWxAU2gDh0ES2uh0BZ9Y6INxCgmoK0IAW+gl9BLqHMXh04dSi/BO2gvof98CS7iqPZ54HfO+z2c7bzPV9+"
+    "svd5Yf1VKKX3+8/58KuZBj9LI9HhOs5OD0nBcvbo+Op88f9ldOxse1ErpNnZanaJ9w/3BVx7P/fiVyqPvbYyv77b36ze9OHj64OfR97Rw/T0AAA"
+    "D4H53k7XbR7W52ir1mN1fe5e2il+dzY383xnrrsJE/zOe9Zq/IlZN8dNjq9ZqdzfqnXMlPm8+WGov1fHpqFQEAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAO6/0tCUhQAAAICHbzmlfnQRpZWUylEt2or60Zfoa/Qtuoh+R5fR3yhVU5qp"
+    "WkIAAAC4y/qxdz+ODqKP0Vb0NnoZvYhq0VK0ED2JytFcNDvZ91fH/wEAAACAO+ofrG89OQ=="
+)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_store_written_before_the_zlib_checksums_still_verifies(tmp_path, backend):
+    """Both backends checksum with zlib.crc32 now; format v1 is unchanged, so an older store opens, verifies and is
+    sealed again to the very same bytes."""
+    raw = zlib.decompress(base64.b64decode(_OLD_STORE))
+    path = tmp_path / "old.cdul"
+    path.write_bytes(raw)
+    header_crc, done_offset, done_nbytes, done_crc = (struct.unpack_from("<I", raw, 12)[0],
+                                                      *struct.unpack_from("<QQI", raw, 64))
+    zeroed = bytearray(raw[:PAGE])
+    zeroed[12:16] = bytes(4)
+    meta_capacity = struct.unpack_from("<Q", raw, 48)[0]
+    assert zlib.crc32(raw[PAGE:PAGE + meta_capacity], zlib.crc32(zeroed)) == header_crc
+    assert zlib.crc32(raw[done_offset:done_offset + done_nbytes]) == done_crc
+    for i in range(2):
+        _, _, crc, offset, nbytes = struct.unpack_from("<32sIIQQ", raw, 128 + 56 * i)
+        assert zlib.crc32(raw[offset:offset + nbytes]) == crc
+    vals = np.arange(18, dtype=np.float32).reshape(6, 3) / 32
+    with LabelStore.open(path, backend=backend, expect_classes=("cat", "dog", "bird")) as st:
+        assert st.clean and st.meta == {"written_by": "2e98d3b"} and st.done.tolist() == [1] * 6 + [2]
+        np.testing.assert_array_equal(st.array("final")[:6], vals)
+        np.testing.assert_array_equal(st.array("global")[:6], 1 - vals)
+    LabelStore.open(path, mode="r+", backend=backend).close()  # fresh CRCs, state CLEAN again
+    assert path.read_bytes() == raw
 
 
 def _state_on_disk(path: Path) -> int:

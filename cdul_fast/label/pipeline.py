@@ -113,8 +113,14 @@ def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: st
     }
 
 
+# Where the weights file lies is recorded but not compared: a reinstalled package or a moved copy holds the same
+# weights at another path, and clip_identity (the name plus the file's content hash, or the tag) is what decides.
+_NOT_COMPARED = {"clip_weights"}
+
+
 def _meta_mismatch(old: dict, new: dict) -> list[str]:
-    return [f"{k}: store has {old.get(k)!r}, this run {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+    return [f"{k}: store has {old.get(k)!r}, this run {new.get(k)!r}" for k in sorted(new)
+            if k not in _NOT_COMPARED and old.get(k) != new.get(k)]
 
 
 def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: dict) -> LabelStore:

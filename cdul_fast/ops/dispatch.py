@@ -2,7 +2,8 @@
 
 ``backend``: "auto" runs Triton when the tensor is on CUDA and Triton works there, else the torch reference
 (``cdul_fast.ops.reference``); "triton" forces the kernel (CUDA, or CPU tensors when TRITON_INTERPRET=1 was set before
-the kernels were first imported) and fails clearly otherwise; "torch" always runs the reference.
+the kernels were first imported) and fails clearly otherwise; "torch" always runs the reference. One exception:
+``latent_update_stream`` on CPU with "auto" runs the C++ extension's fused loop when it is built.
 Triton is imported only when a kernel actually runs, so this module works on installs without it.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._backend import _triton_importable, has_triton, triton_interpret
+from .._backend import _triton_importable, has_triton, store_ext, triton_interpret
 from . import reference
 from .checks import OUTPUTS, check_aggregate, check_latent_params, check_latent_tensors, check_outputs
 
@@ -169,8 +170,11 @@ def latent_update_stream(
     """Eq. 7-8 on a (possibly memory-mapped, larger than RAM or GPU memory) float32 [M, C] matrix, in place.
 
     Works in row chunks so memory stays O(chunk_rows * C). On CUDA chunks go through pinned buffers and two
-    streams (H2D, kernel and D2H of one chunk overlap the host copies and transfers of the next); on CPU the chosen
-    backend runs on zero-copy ``torch.from_numpy`` views of each chunk. The caller flushes a memmap.
+    streams (H2D, kernel and D2H of one chunk overlap the host copies and transfers of the next). On CPU, "auto"
+    runs the extension's fused C++ loop (``cdul_fast.store._store.latent_update``) over the whole arrays in place,
+    on torch's thread count: it reads and writes each element once, where the torch twin streams the matrix about
+    ten times through temporaries. Without the extension, or with "torch" / "triton", that twin runs on zero-copy
+    ``torch.from_numpy`` views of each chunk. The caller flushes a memmap.
     """
     check_latent_params(c1, sigma, c2, lr, eps)
     _check_stream_arrays(latent_np, pred_np, labels_out_np)
@@ -187,6 +191,11 @@ def latent_update_stream(
         return
     if device.type != "cpu":
         raise ValueError(f"latent_update_stream runs on cpu or cuda, got {device}")
+    ext = store_ext() if backend == "auto" else None
+    if ext is not None:  # validated above, once: the extension only re-checks what memory safety needs
+        ext.latent_update(latent_np, pred_np, c1, sigma, c2, lr, bool(use_psi), eps, labels_out_np,
+                          torch.get_num_threads())
+        return
     for r0 in range(0, M, int(chunk_rows)):
         r1 = min(M, r0 + int(chunk_rows))
         lab = _as_tensor(labels_out_np[r0:r1]) if labels_out_np is not None else None

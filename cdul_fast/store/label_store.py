@@ -1,9 +1,10 @@
 """The label store: one memory-mapped file holding soft pseudo-label matrices, a per-row done map and checksums.
 
 The byte layout is defined here once (``_Header``) and documented in docs/store_format.md. Two backends map it:
-the pybind11 extension ``cdul_fast._store`` (flock + mmap + CRC-32 without the GIL) and a pure-Python fallback
-(``mmap`` + ``fcntl.flock`` + ``zlib.crc32``) that reads and writes the identical format. Arrays are zero-copy
-numpy views of the mapping.
+the pybind11 extension ``cdul_fast.store._store`` (flock + mmap, msync/fsync without the GIL) and a pure-Python
+fallback (``mmap`` + ``fcntl.flock``) that reads and writes the identical format. Both checksum with ``zlib.crc32``
+over the mapped bytes (``_crc32``): the same library code a C++ call would reach, measured at the same speed, so
+there is one CRC implementation. Arrays are zero-copy numpy views of the mapping.
 
 Crash safety: opening for writing marks the header WRITING before anything else is touched; ``close`` recomputes
 the checksums and marks it CLEAN. A file left WRITING by a crash opens fine (``clean`` is False) and is resumed by
@@ -143,6 +144,11 @@ def _layout(rows: int, classes: int, names: Sequence[str], meta_len: int) -> _He
                    arrays)
 
 
+def _crc32(buf, offset: int, length: int) -> int:
+    """CRC-32 of ``length`` mapped bytes from ``offset``, zero-copy (zlib releases the GIL on large buffers)."""
+    return zlib.crc32(memoryview(buf)[offset:offset + length])
+
+
 def _check_names(names: Sequence[str]) -> None:
     if not names:
         raise StoreError("a label store needs at least one array")
@@ -159,7 +165,7 @@ def _check_names(names: Sequence[str]) -> None:
 
 
 class _PyMapping:
-    """Fallback backend: mmap + fcntl.flock + zlib.crc32."""
+    """Fallback backend: mmap + fcntl.flock."""
 
     name = "numpy"
 
@@ -182,9 +188,6 @@ class _PyMapping:
 
     def buffer(self):
         return self._mm if self._mm is not None else b""
-
-    def crc32(self, offset: int, length: int) -> int:
-        return zlib.crc32(memoryview(self._mm)[offset:offset + length]) if length else 0
 
     def flush(self, offset: int, length: int) -> None:
         if self._mm is not None and self.writable and length:
@@ -209,7 +212,7 @@ class _PyMapping:
 
 
 class _ExtMapping:
-    """Extension backend: the C++ MappedFile (flock + mmap) and CRC-32 without the GIL."""
+    """Extension backend: the C++ MappedFile (flock + mmap; msync and fsync without the GIL)."""
 
     name = "ext"
 
@@ -224,9 +227,6 @@ class _ExtMapping:
 
     def buffer(self):
         return memoryview(self._mf) if self.size else b""
-
-    def crc32(self, offset: int, length: int) -> int:
-        return self._mf.crc32(offset, length) if length else 0
 
     def flush(self, offset: int, length: int) -> None:
         self._mf.flush(offset, length)
@@ -342,10 +342,10 @@ class LabelStore:
             raise StoreError(f"{path} header says {h.classes} classes but lists {len(class_names)} names")
         if verify and h.state == STATE_CLEAN:
             hint = "delete it and relabel (or open with verify=False to inspect it)"
-            if mapping.crc32(h.done_offset, h.done_nbytes) != h.done_crc:
+            if _crc32(buf, h.done_offset, h.done_nbytes) != h.done_crc:
                 raise StoreError(f"{path} is corrupted: done map checksum mismatch; {hint}")
             for a in h.arrays:
-                if mapping.crc32(a.offset, a.nbytes) != a.crc:
+                if _crc32(buf, a.offset, a.nbytes) != a.crc:
                     raise StoreError(f"{path} is corrupted: array '{a.name}' checksum mismatch; {hint}")
         return cls(path, mode, mapping, h, class_names, meta)
 
@@ -449,9 +449,10 @@ class LabelStore:
     def _seal(self) -> None:
         """Fresh CRCs, data on disk, then the header says CLEAN (so CLEAN never points at unsynced data)."""
         h = self._h
-        h.done_crc = self._map.crc32(h.done_offset, h.done_nbytes)
+        buf = self._map.buffer()
+        h.done_crc = _crc32(buf, h.done_offset, h.done_nbytes)
         for a in h.arrays:
-            a.crc = self._map.crc32(a.offset, a.nbytes)
+            a.crc = _crc32(buf, a.offset, a.nbytes)
         self._map.flush(PAGE, h.file_bytes - PAGE)
         self._set_state(STATE_CLEAN)
         self._map.fsync()

@@ -160,7 +160,7 @@ def _epoch_order(seed: int, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, t
 
 
 def _create_run_store(path: Path, src: LabelStore, array: str, meta: dict) -> LabelStore:
-    init = np.asarray(src.array(array), dtype=np.float32)
+    init = np.array(src.array(array), dtype=np.float32)  # a private copy: the source store is mapped read-only
     st = LabelStore.create(path, class_names=src.class_names, rows=src.rows,
                            arrays=["init", "latent", "labels", "pred"], meta=meta, overwrite=True)
     latent = labels_to_latent(torch.from_numpy(init)).numpy()
