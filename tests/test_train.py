@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdul_fast.errors import ConfigError, WeightsError
+from cdul_fast.errors import ConfigError, StoreError, WeightsError
 from cdul_fast.ops import reference as ref
 from cdul_fast.store.label_store import LabelStore
 from cdul_fast.train.checkpoint import load_checkpoint, load_state_dict_file, save_atomic
@@ -265,3 +265,41 @@ def test_clipres_starts_from_the_shipped_clip_trunk():
     assert model(torch.rand(2, 3, 96, 96)).shape == (2, 5)  # no attention pool: any input size
     fresh = build_classifier("clipres", 5)
     assert not torch.equal(fresh.trunk.conv1.weight, model.trunk.conv1.weight)
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["changed-lr", "truncated-checkpoint", "other-checkpoint-shape"])
+def test_a_refused_resume_writes_nothing(world, tmp_path, damage):
+    """Issue 14, 2: a resume that is refused or fails leaves config.yaml, labels.cdul and the checkpoint as they
+    were (before, the run store was recreated with latent = logit(init) before the checkpoint was checked)."""
+    out = tmp_path / "run"
+    run_train(_cfg(world, out, epochs=2, warmup=0), log=lambda s: None)
+    kw = {"epochs": 2, "warmup": 0, "resume": True}
+    if damage == "changed-lr":
+        kw["lr"] = 1e-4
+    elif damage == "truncated-checkpoint":
+        ck = (out / "checkpoint.pt").read_bytes()
+        (out / "checkpoint.pt").write_bytes(ck[: len(ck) // 2])
+    else:
+        ck = load_checkpoint(out / "checkpoint.pt")
+        ck["latent"] = ck["latent"][:3]
+        torch.save(ck, out / "checkpoint.pt")
+    before = _folder_bytes(out)
+    with pytest.raises((ConfigError, WeightsError)):
+        Trainer(_cfg(world, out, **kw), log=lambda s: None)
+    assert _folder_bytes(out) == before
+
+
+def test_a_store_whose_images_were_all_skipped_is_refused(world, tmp_path):
+    """Issue 14, 8: training on zero images used to exit 0; now one line, nothing written."""
+    store = tmp_path / "skipped.cdul"
+    rows = len(world["gt"])
+    with LabelStore.create(store, class_names=CLASSES, rows=rows, arrays=["final"],
+                           meta={"dataset": "folder", "split": "train"}) as st:
+        st.done[:] = 2  # SKIPPED: no image could be decoded
+    with pytest.raises(StoreError, match="nothing to train on"):
+        Trainer(_cfg(world, tmp_path / "run", labels=str(store)), log=lambda s: None)
+    assert not (tmp_path / "run").exists()

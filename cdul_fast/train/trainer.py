@@ -27,7 +27,7 @@ import torch
 from .._backend import resolve_device
 from ..config import BACKENDS, CACHE_MODES, METHODS, SCHEDULERS, TARGETS, check_choice
 from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, StoreError, WeightsError
 from ..evaluate import average_precision
 from ..fsutil import atomic_write, save_json_atomic, save_yaml_atomic
 from ..ops import dispatch as ops
@@ -194,17 +194,23 @@ class Trainer:
                                  f"{self.train_ds.name}/{self.train_ds.split} ({len(self.train_ds)} images, "
                                  f"{self.train_ds.num_classes} classes)")
             self.rows = np.flatnonzero(np.asarray(src.done) == DONE).astype(np.int64)
+            if self.rows.size == 0:
+                raise StoreError(f"every image of {cfg.labels} was skipped when it was labelled (the reasons are in "
+                                 "its skip log): there is nothing to train on")
+            # Everything that can refuse the run is checked before the run folder is touched: a refused or failed
+            # --resume must leave config.yaml, labels.cdul and the checkpoint as they were.
+            self.classes = self.train_ds.class_names
+            self.model = build_classifier(cfg.arch, len(self.classes), cfg.pretrained).to(self.device)
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
+                          if cfg.scheduler == "cosine" else None)
+            self.history: list[dict] = []
+            self.start_epoch = 1
+            ck = self._load_checkpoint() if self._resuming() else None
             self._prepare_out(src)
-        self.classes = self.train_ds.class_names
-        self.model = build_classifier(cfg.arch, len(self.classes), cfg.pretrained).to(self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
-                      if cfg.scheduler == "cosine" else None)
-        self.history: list[dict] = []
-        self.start_epoch = 1
-        if cfg.resume:
-            self._load_checkpoint()
+        if ck is not None:
+            self._restore_labels(ck)
         workers = cfg.workers if cfg.workers is not None else min(8, max(1, (torch.get_num_threads() or 2) - 1))
         self.train_imgs = _images(self.train_ds, cfg, workers, "decode train")
         self.test_imgs = _images(self.test_ds, cfg, workers, "decode test") if self.test_ds is not None else None
@@ -212,38 +218,58 @@ class Trainer:
                                   .mean()) if self.rows.size else 1.0
 
     # -- setup
-    def _prepare_out(self, src: LabelStore) -> None:
+    def _resuming(self) -> bool:
+        """Whether there is a checkpoint to continue from (refuses a non-empty folder without --resume/--overwrite)."""
         cfg = self.cfg
-        ckpt = self.out / "checkpoint.pt"
         if self.out.exists() and any(self.out.iterdir()) and not (cfg.resume or cfg.overwrite):
             raise ConfigError(f"run folder {self.out} is not empty: pass --resume to continue it or --overwrite")
-        if cfg.resume and not ckpt.is_file():
+        if cfg.resume and not (self.out / "checkpoint.pt").is_file():
             self.log(f"note: no checkpoint in {self.out} yet; starting from epoch 1")
             cfg.resume = False
+        return cfg.resume
+
+    def _prepare_out(self, src: LabelStore) -> None:
+        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         save_yaml_atomic(asdict(cfg), self.out / "config.yaml")
         meta = {"kind": "cdul-train", "source": str(Path(cfg.labels).resolve()), "array": cfg.labels_array}
         self.store = _create_run_store(self.out / "labels.cdul", src, cfg.labels_array, meta)
 
-    def _load_checkpoint(self) -> None:
+    def _load_checkpoint(self) -> dict:
+        """Read and check the checkpoint and load model, optimizer, scheduler and RNG from it (nothing on disk is
+        written here); the pseudo labels are restored by ``_restore_labels`` once the run store exists."""
         ck = load_checkpoint(self.out / "checkpoint.pt")
         if ck.get("version") != CKPT_VERSION:
             raise ConfigError(f"{self.out / 'checkpoint.pt'} has version {ck.get('version')}, expected {CKPT_VERSION}")
-        saved = json.loads(ck["identity"])
+        try:
+            saved = json.loads(ck["identity"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{self.out / 'checkpoint.pt'} records no readable run settings") from exc
         diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.cfg.identity().items() if saved.get(k) != v]
         if diff:
             raise ConfigError(f"cannot resume {self.out}: settings differ from the checkpoint ({'; '.join(diff)})")
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        if self.sched is not None:
-            self.sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng_cpu"])
+        shape = (len(self.train_ds), len(self.classes))
+        try:
+            ck["history"] = json.loads(ck["history"])
+            if tuple(ck["latent"].shape) != shape or tuple(ck["labels"].shape) != shape:
+                raise ValueError(f"its pseudo-label matrices are {tuple(ck['latent'].shape)}, this run's {shape}")
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            if self.sched is not None:
+                self.sched.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["rng_cpu"])
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
+            raise WeightsError(f"cannot resume from {self.out / 'checkpoint.pt'}: "
+                               f"{str(exc).strip().splitlines()[0][:200]}") from exc
         if self.device.type == "cuda" and "rng_cuda" in ck:
             torch.cuda.set_rng_state(ck["rng_cuda"], self.device)
+        return ck
+
+    def _restore_labels(self, ck: dict) -> None:
         self.store.array("latent")[:] = ck["latent"].numpy()
         self.store.array("labels")[:] = ck["labels"].numpy()  # exact bits: recomputing sigmoid could differ by an ulp
         self.store.flush()
-        self.history = json.loads(ck["history"])
+        self.history = ck["history"]
         self.start_epoch = int(ck["epoch"]) + 1
         self.log(f"resumed {self.out} after epoch {ck['epoch']}")
 
