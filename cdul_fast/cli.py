@@ -57,7 +57,8 @@ def _dataset_flags(f: _Flags, required_root: bool = False) -> None:
     f.add("--root", help="the dataset's folder (VOCdevkit, COCO root, NUS-WIDE root, image folder)",
           required=required_root)
     f.add("--split", help="split to read (voc: train/val/trainval/test, coco: train/val, nus: train/test)")
-    f.add("--classes", help="folder datasets: class names, comma-separated or a .txt file with one per line")
+    f.add("--classes", help="folder datasets: class names, comma-separated (cat,dog), or @FILE (or a .txt file) "
+                            "with one name per line; names with commas need the file form")
     f.add("--labels-csv", help="folder datasets: CSV of ground truth (path,<class>... with 0/1/-1, or path,labels)")
     f.add("--dataset-opt", action="append", metavar="KEY=VALUE",
           help="adapter option, repeatable (e.g. difficult=ignore for VOC, images_dir=Flickr for NUS, n=500 for "
@@ -298,7 +299,7 @@ def cmd_predict(args: dict) -> int:
     if cfg.get("images") and cfg.get("dataset"):
         raise ConfigError("pass either --images or --dataset, not both")
     if cfg.get("images"):
-        opts.setdefault("classes", ",".join(model.class_names))
+        opts.setdefault("classes", list(model.class_names))  # a list: names may hold commas, lists may be long
         ds = load_dataset("folder", cfg["images"], "all", **opts)
     elif cfg.get("dataset"):
         ds = load_dataset(cfg["dataset"], cfg.get("root"), cfg.get("split"), **opts)

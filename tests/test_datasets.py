@@ -594,3 +594,21 @@ def test_folder_labels_path_relative_to_root(tmp_path):
     np.testing.assert_array_equal(ds.labels, info.labels["all"])
     with pytest.raises(DatasetError, match="labels file nope.csv not found"):
         _load(info, "all", labels="nope.csv")
+
+
+def test_class_lists_are_never_looked_up_on_disk(tmp_path, monkeypatch):
+    """Issue 14, 5: a plain string is a list (a file named like a class is not read, an 80-class list longer than a
+    file name works), a file is named with @; names with commas come from a file."""
+    info = make_folder(tmp_path, csv=None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cat").write_text("not\nclasses\n")
+    assert load_dataset("folder", info.root, "all", classes="cat").class_names == ("cat",)
+    many = [f"class number {i} with a long descriptive name" for i in range(80)]
+    assert len(",".join(many)) > 255
+    assert load_dataset("folder", info.root, "all", classes=",".join(many)).class_names == tuple(many)
+    (tmp_path / "names").write_text("red, green\nblue\n")
+    assert load_dataset("folder", info.root, "all", classes="@names").class_names == ("red, green", "blue")
+    assert load_dataset("folder", info.root, "all", classes=["red, green", "blue"]).class_names == ("red, green",
+                                                                                                 "blue")
+    with pytest.raises(DatasetError, match="missing"):
+        load_dataset("folder", info.root, "all", classes="@missing")

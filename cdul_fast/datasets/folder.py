@@ -94,11 +94,15 @@ def _locate(base: Path, value: object) -> Path:
 
 
 def parse_classes(value: object) -> tuple[str, ...]:
-    """Class names from a list, a comma-separated string, or a .txt file (one per line, blank lines skipped)."""
+    """Class names from a list, a comma-separated string, or a file (one per line, blank lines skipped) named
+    explicitly: ``@path``, a Path, or a single ``*.txt`` name. A plain string is never looked up on disk, so
+    ``--classes cat`` is the class "cat" even where a file of that name exists, and an 80-class list is no path.
+    Names containing commas need the file form."""
     if isinstance(value, (list, tuple)):
         return validate_class_names(_DS, [str(v) for v in value], "classes")
-    if isinstance(value, Path) or str(value).lower().endswith(".txt") or Path(str(value)).is_file():
-        path = Path(str(value)).expanduser()
+    text = str(value)
+    if isinstance(value, Path) or text.startswith("@") or ("," not in text and text.lower().endswith(".txt")):
+        path = Path(text[1:] if text.startswith("@") else text).expanduser()
         names = [ln for ln in read_lines(_DS, path, "classes file") if ln.strip()]
         return validate_class_names(_DS, names, str(path))
     if isinstance(value, str):
