@@ -148,3 +148,11 @@ def test_identity_follows_weight_content(tiny, tmp_path):
     c = tmp_path / "c.safetensors"
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(c))
     assert load_clip(str(TINY), str(c)).identity != load_clip(str(TINY), str(a)).identity
+
+
+def test_classes_whose_cut_prompts_are_equal_are_refused(tiny):
+    """Issue 14, 6: names longer than the context used to give identical score columns silently."""
+    stem = " ".join(["very"] * 100)
+    with pytest.raises(ConfigError, match="same prompt"):
+        tiny.encode_text([f"{stem} cat", f"{stem} dog"])
+    assert tiny.encode_text(["cat " + stem, "dog " + stem]).shape[0] == 2  # they differ before the cut: fine

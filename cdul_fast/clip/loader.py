@@ -53,14 +53,27 @@ class ClipModel:
             raise ConfigError(f"prompt template {template!r} must contain '{{}}' where the class name goes")
         key = (tuple(class_names), template)
         if key not in self._text_cache:
-            tokens = self.tokenizer([template.format(c) for c in class_names]).to(self.device)
-            feats = self.model.encode_text(tokens).float()
+            tokens = self.tokenizer([template.format(c) for c in class_names])
+            _refuse_equal_prompts(tokens, class_names)
+            feats = self.model.encode_text(tokens.to(self.device)).float()
             self._text_cache[key] = torch.nn.functional.normalize(feats, dim=-1)
         return self._text_cache[key]
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """Image embeddings [N, K] (not normalized) of preprocessed images [N, 3, S, S]."""
         return self.model.encode_image(x)
+
+
+def _refuse_equal_prompts(tokens: torch.Tensor, class_names: list[str] | tuple[str, ...]) -> None:
+    """Prompts longer than CLIP's context are cut by its tokenizer: two classes whose cut prompts are the same token
+    ids would get identical score columns, so that is a one-line error naming them, not a silent merge."""
+    first: dict[bytes, int] = {}
+    for i, row in enumerate(tokens.to(torch.int64).numpy()):
+        j = first.setdefault(row.tobytes(), i)
+        if j != i:
+            n = tokens.shape[1]
+            raise ConfigError(f"classes {class_names[j]!r} and {class_names[i]!r} give the same prompt after CLIP's "
+                              f"{n}-token context cuts it: shorten the names or the template so they differ early")
 
 
 def _file_identity(path: Path) -> str:
