@@ -84,6 +84,7 @@ def evaluate_store(path: str | Path, ds: MultiLabelSet, arrays: list[str] | None
         if store.rows != len(ds):
             raise StoreError(f"{path} has {store.rows} rows but {ds.name}/{ds.split} has {len(ds)} images: "
                              "was it labelled from another dataset or split?")
+        store.check_images(ds.ids_digest(), f"{ds.name}/{ds.split}")
         meta_ds = (store.meta.get("dataset"), store.meta.get("split"))
         if meta_ds != (None, None) and meta_ds != (ds.name, ds.split):
             notes.append(f"store was labelled from {meta_ds[0]}/{meta_ds[1]}, evaluating against {ds.name}/{ds.split}")

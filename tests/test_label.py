@@ -272,3 +272,29 @@ def test_a_store_of_09bd33f_with_the_old_decoder_name_resumes(tmp_path, image_fo
     assert res.complete and res.labelled == 11 - 4  # the block of rows 4..7 is redone whole (batch size 4)
     with LabelStore.open(out) as st:
         np.testing.assert_array_equal(st.array("final"), whole)
+
+
+def test_a_store_is_refused_for_another_image_list(tmp_path, image_folder, clip):
+    """Issue 14, 1 (image lists): same number of images and same classes are not enough for eval or train."""
+    import shutil
+
+    from cdul_fast.train.trainer import TrainConfig, Trainer
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, p in enumerate(sorted(image_folder.glob("*.png"))):
+        shutil.copy(p, other / f"renamed{i:02d}.png")
+    store = tmp_path / "other.cdul"
+    run_label(_cfg(store, other, dataset_options={"classes": ",".join(CLASSES)}), log=lambda s: None, clip=clip)
+    ds = load_dataset("folder", image_folder, "all", classes=",".join(CLASSES), labels="labels.csv")
+    with pytest.raises(StoreError, match="other images"):
+        evaluate_store(store, ds)
+    with pytest.raises(StoreError, match="other images"):
+        Trainer(TrainConfig(labels=str(store), out=str(tmp_path / "run"), dataset="folder", root=str(image_folder),
+                            split="all", test_split="none", dataset_options={"classes": ",".join(CLASSES)},
+                            arch="shapesnet", image_size=32, device="cpu", progress=False), log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+    own = load_dataset("folder", other, "all", classes=",".join(CLASSES))
+    with LabelStore.open(store) as st:
+        st.check_images(own.ids_digest(), "its own images")  # accepted: no error
+        assert st.meta["ids_sha256"] == own.ids_digest() != ds.ids_digest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,3 +54,11 @@ class MultiLabelSet:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def ids_digest(self) -> str:
+        """sha256 over the image ids in order: a label store records it, and is refused for another image list."""
+        h = hashlib.sha256()
+        for i in self.ids:
+            h.update(i.encode("utf-8"))
+            h.update(b"\0")
+        return h.hexdigest()

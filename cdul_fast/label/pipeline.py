@@ -9,7 +9,6 @@ batches an uninterrupted run computes and ends with a byte-identical file.
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import sys
 import time
@@ -82,14 +81,6 @@ class LabelConfig:
         check_choice("--clip-precision", self.clip_precision, PRECISIONS)
 
 
-def _ids_digest(ds: MultiLabelSet) -> str:
-    h = hashlib.sha256()
-    for i in ds.ids:
-        h.update(i.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: str, precision: str) -> dict:
     """What a resumed run must agree on: any difference would mix rows computed two different ways."""
     return {
@@ -97,7 +88,7 @@ def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: st
         "dataset": ds.name,
         "split": ds.split,
         "images": len(ds),
-        "ids_sha256": _ids_digest(ds),
+        "ids_sha256": ds.ids_digest(),
         "clip": clip.name,
         "clip_weights": clip.weights,
         "clip_identity": clip.identity,

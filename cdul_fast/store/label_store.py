@@ -373,6 +373,13 @@ class LabelStore:
         except KeyError:
             raise StoreError(f"{self.path} has no array {name!r} (it has {', '.join(self.array_names)})") from None
 
+    def check_images(self, ids_sha256: str, what: str) -> None:
+        """Refuse a store labelled from another image list (same length and classes are not enough)."""
+        recorded = self.meta.get("ids_sha256")
+        if recorded is not None and recorded != ids_sha256:
+            raise StoreError(f"{self.path} was labelled from other images than {what} (the image lists differ): "
+                             "label this dataset, or pass the dataset, split and options it was labelled with")
+
     def pending_rows(self) -> np.ndarray:
         return np.flatnonzero(self.done == PENDING).astype(np.int64)
 

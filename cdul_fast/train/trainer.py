@@ -193,6 +193,7 @@ class Trainer:
                 raise StoreError(f"{cfg.labels} ({src.rows} rows, {len(src.class_names)} classes) does not belong to "
                                  f"{self.train_ds.name}/{self.train_ds.split} ({len(self.train_ds)} images, "
                                  f"{self.train_ds.num_classes} classes)")
+            src.check_images(self.train_ds.ids_digest(), f"{self.train_ds.name}/{self.train_ds.split}")
             self.rows = np.flatnonzero(np.asarray(src.done) == DONE).astype(np.int64)
             if self.rows.size == 0:
                 raise StoreError(f"every image of {cfg.labels} was skipped when it was labelled (the reasons are in "
