@@ -7,6 +7,7 @@ traceback appears only with --debug.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from .views.registry import CHOICES as DECODER_CHOICES
 from .views.registry import decoder_help
 
 SUPPRESS = argparse.SUPPRESS
+# Errors of writing that the user fixes (space, permissions, read-only mounts): one line, not an internal error.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _csv(value: str) -> list[str]:
@@ -353,6 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:  # a full disk, a read-only or foreign folder
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"cdul-fast {ns.command}: error: cannot write{where}: {exc.strerror or exc} (free space, or choose "
+                  "another --out)", file=sys.stderr)
+            return 2
         missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
         if missing and missing.split(".")[0] != "cdul_fast":  # one of ours missing is a packaging bug: internal
             err = DependencyError(f"this command needs the Python package {missing!r}, which is not installed in "

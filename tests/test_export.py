@@ -137,3 +137,32 @@ def test_export_refuses_mismatched_weights(run_dir, tmp_path):
     (bad / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
     with pytest.raises(WeightsError, match="do not fit"):
         export_onnx(bad, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("command", ["export", "predict"])
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(run_dir, onnx_path, images, tmp_path, capsys, monkeypatch,
+                                                         command):
+    """Issue 14, 4 (export, predict): ENOSPC while writing used to be an internal error and left .tmp files."""
+    import errno
+
+    import cdul_fast.deploy.export as export
+    import cdul_fast.deploy.predict as predict
+    from cdul_fast.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if command == "export":
+        monkeypatch.setattr(export, "_add_metadata", full)  # the temporary .onnx exists by then
+        argv = ["export", "--checkpoint", str(run_dir), "--out", str(out / "m.onnx")]
+    else:
+        monkeypatch.setattr(predict.csv, "writer", full)  # the temporary .csv is open by then
+        argv = ["predict", "--model", str(onnx_path), "--images", str(images), "--out", str(out / "s.csv"),
+                "--no-progress"]
+    monkeypatch.delenv("CDUL_FAST_DEBUG", raising=False)
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "No space left on device" in err[0] and "internal error" not in err[0], err
+    assert list(out.iterdir()) == []  # no temporary file, no half-written output
