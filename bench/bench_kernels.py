@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, peak_bandwidth, time_ms, write_rows  # noqa: E402
+from _common import environment, peak_bandwidth, print_table, time_ms  # noqa: E402
 
-from cdul_fast import ops  # noqa: E402
+from cdul_fast.ops import dispatch as ops  # noqa: E402
 
 ALL_OUTPUTS = ("global", "aggregate", "cdul", "avg", "max")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -114,11 +114,7 @@ def run(quick: bool, csv_path: Path) -> list[dict[str, object]]:
         del latent, pred, lab
 
     cols = ("op", "impl", "shape", "dtype", "outputs", "time_ms", "speedup_vs_torch", "gb_per_s", "frac_peak_bw")
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))
-    print(f"wrote {len(rows)} rows to {write_rows(csv_path, rows)}")
+    print_table(rows, cols, csv_path)
     return rows
 
 
