@@ -108,3 +108,12 @@ def write_rows(path: Path, rows: Iterable[Mapping[str, object]]) -> Path:
             w.writeheader()
         w.writerows(rows)
     return path
+
+
+def print_table(rows: list[Mapping[str, object]], cols: tuple[str, ...], csv_path: Path) -> None:
+    """The rows as an aligned text table (the columns named), then append them to ``csv_path``."""
+    widths = [max(len(col), *(len(str(r[col])) for r in rows)) for col in cols]
+    print("  ".join(col.ljust(w) for col, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(str(r[col]).ljust(w) for col, w in zip(cols, widths)))
+    print(f"wrote {len(rows)} rows to {write_rows(csv_path, rows)}")

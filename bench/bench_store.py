@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_rows  # noqa: E402
+from _common import environment, print_table  # noqa: E402
 
 from cdul_fast._backend import store_ext  # noqa: E402
 from cdul_fast.ops import dispatch as ops  # noqa: E402
@@ -140,11 +140,7 @@ def run(quick: bool, runs: int, csv_path: Path) -> list[dict[str, object]]:
         rows = bench_crc(env, Path(tmp), 16 if quick else 256, runs)
         rows += bench_latent(env, Path(tmp), 8192 if quick else 150_000, 81, runs)
     cols = ("op", "impl", "shape", "dtype", "threads", "time_ms", "gb_per_s", "speedup")
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))
-    print(f"wrote {len(rows)} rows to {write_rows(csv_path, rows)}")
+    print_table(rows, cols, csv_path)
     return rows
 
 
