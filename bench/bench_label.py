@@ -31,7 +31,8 @@ from cdul_fast.clip.loader import load_clip  # noqa: E402
 from cdul_fast.label.pipeline import LabelConfig, run_label  # noqa: E402
 from cdul_fast.store.label_store import LabelStore  # noqa: E402
 from cdul_fast.views.decode import load_rgb  # noqa: E402
-from cdul_fast.views.geometry import ViewSpec, normalize_views, pil_views  # noqa: E402
+from cdul_fast.views.geometry import ViewSpec, normalize_views  # noqa: E402
+from cdul_fast.views.resample import pil_views  # noqa: E402
 
 CLASSES = [f"class{i}" for i in range(20)]
 

@@ -237,7 +237,8 @@ def cmd_label(args: dict) -> int:
     cfg = LabelConfig(**cfg_dict, progress=progress and sys.stderr.isatty())
     res = run_label(cfg)
     status = "complete" if res.complete else "INCOMPLETE"
-    print(f"{res.store}: {status}, {res.labelled} images labelled, {res.skipped} skipped, "
+    now = f" ({res.labelled_now} by this run)" if res.labelled_now != res.labelled else ""
+    print(f"{res.store}: {status}, {res.rows} images: {res.labelled} labelled{now}, {res.skipped} skipped, "
           f"{res.images_per_second:.1f} img/s")
     return 0
 

@@ -13,6 +13,7 @@ import torch
 
 from .datasets import IGNORE, POSITIVE, MultiLabelSet
 from .errors import ConfigError, StoreError
+from .fsutil import file_stats
 from .store.label_store import DONE, PENDING, LabelStore
 
 
@@ -85,6 +86,9 @@ def evaluate_store(path: str | Path, ds: MultiLabelSet, arrays: list[str] | None
             raise StoreError(f"{path} has {store.rows} rows but {ds.name}/{ds.split} has {len(ds)} images: "
                              "was it labelled from another dataset or split?")
         store.check_images(ds.ids_digest(), f"{ds.name}/{ds.split}")
+        store.check_files(file_stats(ds.paths), ds.ids, f"{ds.name}/{ds.split}")
+        if store.file_stats is None:
+            notes.append("a version 1 store records no file stats: images edited since labelling are not detected")
         meta_ds = (store.meta.get("dataset"), store.meta.get("split"))
         if meta_ds != (None, None) and meta_ds != (ds.name, ds.split):
             notes.append(f"store was labelled from {meta_ds[0]}/{meta_ds[1]}, evaluating against {ds.name}/{ds.split}")

@@ -269,7 +269,7 @@ def test_a_store_of_09bd33f_with_the_old_decoder_name_resumes(tmp_path, image_fo
         st.done[6:] = 0  # an interrupted run: rows 6.. still pending
         st.array("final")[6:] = 0
     res = run_label(_cfg(out, image_folder, resume=True, decoder=decoder), log=lambda s: None, clip=clip)
-    assert res.complete and res.labelled == 11 - 4  # the block of rows 4..7 is redone whole (batch size 4)
+    assert res.complete and res.labelled == 11 and res.labelled_now == 11 - 4  # rows 4..7 redone whole (batch 4)
     with LabelStore.open(out) as st:
         np.testing.assert_array_equal(st.array("final"), whole)
 

@@ -358,7 +358,7 @@ def test_argument_validation(tmp_path, backend):
                             ({"class_names": []}, "at least one class"), ({"class_names": ["a", "a"]}, "unique"),
                             ({"meta": {"f": object()}}, "plain JSON"), ({"meta": {"n": float("nan")}}, "plain JSON"),
                             ({"arrays": ["a" * 32]}, "1..31 bytes"), ({"arrays": [f"a{i}" for i in range(33)]},
-                                                                      "at most 32")]:
+                                                                      "at most 31 label arrays")]:
         args = {"class_names": CLASSES, "rows": 4, "arrays": ["final"], **kwargs}
         with pytest.raises(StoreError, match=message):
             LabelStore.create(path, backend=backend, **args)

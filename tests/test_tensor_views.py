@@ -14,11 +14,12 @@ from PIL import Image
 from cdul_fast.clip.loader import load_clip
 from cdul_fast.errors import ConfigError
 from cdul_fast.views.decode import load_rgb
-from cdul_fast.views.geometry import ViewSpec, pil_views
+from cdul_fast.views.geometry import ViewSpec
 from cdul_fast.views.pil import PilViews
 from cdul_fast.views.registry import make_view_source
+from cdul_fast.views.resample import pil_coefficients, pil_views, resample_views
 from cdul_fast.views.source import plan_blocks
-from cdul_fast.views.tensor import TensorViews, exif_orient, pil_coefficients, resample_views
+from cdul_fast.views.tensor import TensorViews, exif_orient
 
 
 def _noise(h: int, w: int, seed: int) -> np.ndarray:

@@ -9,8 +9,9 @@ from PIL import Image
 
 from cdul_fast.errors import ImageDecodeError
 from cdul_fast.views.decode import load_rgb, to_rgb
-from cdul_fast.views.geometry import ViewSpec, grid_boxes, normalize_views, pil_views, resized_size, view_geometry
+from cdul_fast.views.geometry import ViewSpec, grid_boxes, normalize_views, resized_size, view_geometry
 from cdul_fast.views.pil import PilViews
+from cdul_fast.views.resample import pil_views
 from cdul_fast.views.source import plan_blocks
 
 

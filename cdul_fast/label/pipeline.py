@@ -9,6 +9,7 @@ batches an uninterrupted run computes and ends with a byte-identical file.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
@@ -24,9 +25,10 @@ from ..clip.loader import DEFAULT_TEMPLATE, ClipModel, load_clip
 from ..config import AGGREGATORS, BACKENDS, OUTPUTS, PRECISIONS, check_choice
 from ..datasets import MultiLabelSet, load_dataset
 from ..errors import ConfigError, StoreError
-from ..fsutil import save_yaml_atomic, write_text_atomic
+from ..fsutil import file_stats, save_yaml_atomic, write_text_atomic
 from ..ops import dispatch as ops
-from ..store.label_store import SKIPPED, LabelStore
+from ..store.label_store import DONE, PENDING, SKIPPED, LabelStore
+from ..views.decode import failure_reason, load_rgb
 from ..views.geometry import ViewSpec, normalize_views
 from ..views.registry import ALIASES as DECODER_ALIASES
 from ..views.registry import make_view_source
@@ -114,7 +116,8 @@ def _meta_mismatch(old: dict, new: dict) -> list[str]:
             if k not in _NOT_COMPARED and old.get(k) != new.get(k)]
 
 
-def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: dict) -> LabelStore:
+def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: dict,
+                stats: np.ndarray) -> LabelStore:
     path = Path(cfg.out)
     if cfg.resume:
         if not path.exists():
@@ -123,17 +126,37 @@ def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: di
         old = dict(store.meta)
         old["decoder"] = DECODER_ALIASES.get(old.get("decoder"), old.get("decoder"))  # 09bd33f's names
         diff = _meta_mismatch(old, meta)
-        if diff or list(store.array_names) != arrays:
+        if list(store.array_names) != arrays:
+            diff.append(f"arrays: store has {list(store.array_names)}, this run {arrays}")
+        if diff:
             store.close()
-            if list(store.array_names) != arrays:
-                diff.append(f"arrays: store has {list(store.array_names)}, this run {arrays}")
             raise StoreError(f"cannot resume {path}: it was started with other settings ({'; '.join(diff)})")
         return store
     if path.exists() and not cfg.overwrite:
         raise StoreError(f"{path} already exists: pass --resume to continue it or --overwrite to start over")
     path.parent.mkdir(parents=True, exist_ok=True)
     return LabelStore.create(path, class_names=ds.class_names, rows=len(ds), arrays=arrays, meta=meta,
-                             overwrite=cfg.overwrite)
+                             overwrite=cfg.overwrite, file_stats=stats)
+
+
+def _relabel_changed(store: LabelStore, stats: np.ndarray, skips: _SkipLog, log: Callable[[str], None]) -> None:
+    """A resumed run relabels the rows whose image changed since it was labelled (or skipped): pending again, zero
+    (as a row that was never written), with the new file stats recorded."""
+    changed = store.changed_rows(stats)
+    if changed is None:
+        log(f"note: {store.path} is a version 1 store without file stats: images edited since they were labelled "
+            "are not detected (relabel with --overwrite to be sure)")
+        return
+    changed = changed[store.done[changed] != PENDING]
+    if changed.size == 0:
+        return
+    store.done[changed] = PENDING  # first: a crash from here on leaves them pending, never done with old data
+    for name in store.array_names:
+        store.array(name)[changed] = 0.0
+    store.set_file_stats(changed, stats[changed])
+    skips.forget(changed)
+    log(f"note: {changed.size} images changed since they were labelled (size or modification time): relabelling "
+        "them")
 
 
 def _precision(cfg: LabelConfig, device: torch.device) -> str:
@@ -187,35 +210,93 @@ class _DeferredWriter:
         _write_runs(self.store, rows, {k: v.numpy() for k, v in host.items()})
 
 
-class _SkipLog:
-    """Rows whose image could not be decoded, with reasons, kept in ``<store>.skipped.tsv`` across resumes."""
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {v: k for k, v in _ESCAPES.items()}
 
-    def __init__(self, store_path: Path, ids: tuple[str, ...]) -> None:
+
+def _escape(text: str) -> str:
+    return re.sub(r"[\\\t\n\r]", lambda m: _ESCAPES[m.group()], text)
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\[\\tnr]", lambda m: _UNESCAPES[m.group()], text)
+
+
+class _SkipLog:
+    """Why rows were skipped, in ``<store>.skipped.tsv`` (columns row, id, reason).
+
+    *Which* rows were skipped is the store's done map, written with the same crash safety as the labels; this file
+    only adds the reasons and is rewritten from the done map every time, so a killed run, ``--overwrite`` or a fixed
+    image can never leave it disagreeing with the store. Fields are backslash-escaped (``\\``, ``\t``, ``\n``,
+    ``\r``), so any file name fits one line. Reasons a killed run did not get to write are found again by decoding
+    the file once more.
+    """
+
+    HEADER = "row\tid\treason"
+
+    def __init__(self, store_path: Path, ds: MultiLabelSet, keep_old: bool) -> None:
         self.path = store_path.with_name(store_path.name + ".skipped.tsv")
-        self.ids = ids
-        self.entries: dict[int, str] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines()[1:]:
-                row, _, why = line.split("\t", 2)
-                self.entries[int(row)] = why
+        self.ids, self.paths = ds.ids, ds.paths
+        self.reasons: dict[int, str] = self._read() if keep_old else {}
+
+    def _read(self) -> dict[int, str]:
+        """The reasons of an earlier run; lines that do not parse or name another image are ignored, never fatal."""
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return {}
+        out: dict[int, str] = {}
+        for line in text.split("\n")[1:]:
+            parts = line.split("\t")
+            if len(parts) != 3 or not parts[0].isdigit():
+                continue
+            row = int(parts[0])
+            if row < len(self.ids) and _unescape(parts[1]) == self.ids[row]:
+                out[row] = _unescape(parts[2])
+        return out
 
     def add(self, row: int, why: str) -> None:
-        self.entries[row] = why.replace("\t", " ").replace("\n", " ")
+        self.reasons[int(row)] = why
 
-    def save(self) -> None:
-        if not self.entries:
-            self.path.unlink(missing_ok=True)
-            return
-        lines = ["row\tid\treason"] + [f"{r}\t{self.ids[r]}\t{w}" for r, w in sorted(self.entries.items())]
+    def forget(self, rows: np.ndarray) -> None:
+        for r in rows.tolist():
+            self.reasons.pop(r, None)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def save(self, done: np.ndarray) -> int:
+        """Rewrite the log from the done map; returns the number of skipped rows."""
+        rows = np.flatnonzero(np.asarray(done) == SKIPPED).tolist()
+        if not rows:
+            self.remove()
+            return 0
+        for r in rows:
+            if r not in self.reasons:
+                self.reasons[r] = _reason_now(self.paths[r])
+        lines = [self.HEADER] + [f"{r}\t{_escape(self.ids[r])}\t{_escape(self.reasons[r])}" for r in rows]
         write_text_atomic(self.path, "\n".join(lines) + "\n")
+        return len(rows)
+
+
+def _reason_now(path: Path) -> str:
+    """The reason for a row skipped by a run that was killed before it wrote the log."""
+    try:
+        load_rgb(path)
+    except Exception as exc:  # noqa: BLE001 - the decode policy: a reason, never an exception
+        return failure_reason(path, exc)
+    return "skipped by an earlier run that was killed before recording why (the file decodes with PIL now)"
 
 
 @dataclass
 class LabelResult:
+    """Counts over the whole store (``labelled + skipped == rows`` when complete); ``labelled_now`` by this run."""
+
     store: Path
     rows: int
     labelled: int
     skipped: int
+    labelled_now: int
     seconds: float
     images_per_second: float
     complete: bool
@@ -243,9 +324,23 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
     source = make_view_source(cfg.decoder, ds.paths, spec, device, cfg.batch_size, cfg.workers)
     arrays = ["final", *[a for a in cfg.save if a != "final"]]
     meta = store_meta(cfg, ds, clip, source.name, precision)
-    store = _open_store(cfg, ds, arrays, meta)
-    skips = _SkipLog(Path(cfg.out), ds.ids)
-    text = clip.encode_text(ds.class_names, cfg.template)
+    text = clip.encode_text(ds.class_names, cfg.template)  # before the store is opened: it can refuse the classes
+    stats = file_stats(ds.paths)
+    skips = _SkipLog(Path(cfg.out), ds, keep_old=cfg.resume)  # read before the store is opened, and never fatal
+    store = _open_store(cfg, ds, arrays, meta, stats)
+    try:
+        return _label_into(cfg, log, ds, clip, device, precision, spec, source, arrays, text, stats, skips, store)
+    finally:
+        store.close()  # on any error too: sealed, so a store that was clean stays verifiable
+
+
+def _label_into(cfg: LabelConfig, log: Callable[[str], None], ds: MultiLabelSet, clip: ClipModel,
+                device: torch.device, precision: str, spec: ViewSpec, source, arrays: list[str], text: torch.Tensor,
+                stats: np.ndarray, skips: _SkipLog, store: LabelStore) -> LabelResult:
+    if cfg.resume:
+        _relabel_changed(store, stats, skips, log)
+    else:
+        skips.remove()  # a new store: reasons of the one it replaces mean nothing
     outputs = sorted({cfg.aggregator, *[a for a in arrays if a != "final"]})
     scale = clip.logit_scale
     blocks = plan_blocks(store.pending_rows(), len(ds), cfg.batch_size)
@@ -269,7 +364,7 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
             for row, why in batch.failed:
                 skips.add(row, why)
             if batch.failed:
-                store.done[np.array([r for r, _ in batch.failed], dtype=np.int64)] = SKIPPED
+                _mark_skipped(store, np.array([r for r, _ in batch.failed], dtype=np.int64))
             if batch.rows.size:
                 with torch.inference_mode(), autocast:
                     x = normalize_views(batch.views.to(device, non_blocking=True), spec.mean, spec.std)
@@ -285,14 +380,14 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
             if cfg.flush_every and (n + 1) % cfg.flush_every == 0:
                 writer.drain()
                 store.flush()
-                skips.save()
+                skips.save(store.done)
         writer.drain()
     except KeyboardInterrupt:
         bar.close()
         writer.drain()  # the last computed block is written, so --resume does not redo it
         left = int(store.pending_rows().size)
+        skips.save(store.done)
         store.close()
-        skips.save()
         log(f"interrupted: the store is consistent, {left} images left; continue with the same command and --resume")
         raise
     finally:
@@ -300,14 +395,22 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
         bar.close()
     seconds = time.perf_counter() - t0
     complete = store.is_complete
+    labelled = int((store.done == DONE).sum())
+    skipped = skips.save(store.done)
     store.close()
-    skips.save()
-    if skips.entries:
-        log(f"skipped {len(skips.entries)} undecodable images (listed in {skips.path})")
+    if skipped:
+        log(f"skipped {skipped} undecodable images (listed in {skips.path})")
     _save_config(cfg, Path(cfg.out))
-    return LabelResult(store=Path(cfg.out), rows=len(ds), labelled=done_now, skipped=len(skips.entries),
+    return LabelResult(store=Path(cfg.out), rows=len(ds), labelled=labelled, skipped=skipped, labelled_now=done_now,
                        seconds=seconds, images_per_second=(done_now + skipped_now) / max(seconds, 1e-9),
                        complete=complete)
+
+
+def _mark_skipped(store: LabelStore, rows: np.ndarray) -> None:
+    """Skipped rows hold zeros (a block redone on resume may have held labels for them before)."""
+    for name in store.array_names:
+        store.array(name)[rows] = 0.0
+    store.done[rows] = SKIPPED
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature

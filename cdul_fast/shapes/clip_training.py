@@ -241,7 +241,8 @@ def view_cosines(clip, ds, grid: int = GRID, batch: int = 64) -> torch.Tensor:
     """
     from ..ops.reference import cosine_scores
     from ..views.decode import load_rgb
-    from ..views.geometry import ViewSpec, normalize_views, pil_views
+    from ..views.geometry import ViewSpec, normalize_views
+    from ..views.resample import pil_views
 
     spec = ViewSpec.from_preprocess_cfg(clip.preprocess_cfg, grid)
     text = clip.encode_text(ds.class_names, TEMPLATE)

@@ -14,6 +14,7 @@ its done map; a CLEAN file whose bytes changed fails its checksums on open.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -30,10 +31,14 @@ from ..errors import StoreError
 from ..fsutil import fsync_dir
 
 MAGIC = b"CDULSTOR"
-VERSION = 1
+VERSION = 2  # the newest format written; a file says 1 when it uses none of version 2's additions
+READABLE_VERSIONS = (1, 2)
 PAGE = 4096
 STATE_WRITING, STATE_CLEAN = 1, 2
-DTYPE_FLOAT32 = 1
+DTYPE_FLOAT32 = 1  # [rows, classes] float32: the label arrays
+DTYPE_FILE_STAT = 2  # [rows, 2] int64: (size, mtime_ns) of each row's image when it was labelled (version 2)
+FILE_STAT = "file_stat"  # the name of the one DTYPE_FILE_STAT array
+MISSING_FILE = -1  # both stat fields of a row whose image did not exist
 MAX_ARRAYS = 32
 NAME_BYTES = 32
 PENDING, DONE, SKIPPED = 0, 1, 2
@@ -103,7 +108,8 @@ class _Header:
 
     def pack(self) -> bytearray:
         page = bytearray(PAGE)
-        _FIXED.pack_into(page, 0, MAGIC, VERSION, 0, self.state, len(self.arrays), self.rows, self.classes, 0,
+        version = 2 if any(a.dtype != DTYPE_FLOAT32 for a in self.arrays) else 1
+        _FIXED.pack_into(page, 0, MAGIC, version, 0, self.state, len(self.arrays), self.rows, self.classes, 0,
                          self.meta_offset, self.meta_capacity, self.meta_nbytes, self.done_offset, self.done_nbytes,
                          self.done_crc, 0, self.file_bytes)
         for i, a in enumerate(self.arrays):
@@ -117,9 +123,9 @@ class _Header:
          done_nbytes, done_crc, _, file_bytes) = _FIXED.unpack_from(page, 0)
         if magic != MAGIC:
             raise StoreError(f"{path} is not a cdul-fast label store (bad magic)")
-        if version != VERSION:
-            raise StoreError(f"{path} has store format version {version}; this cdul-fast reads version {VERSION} "
-                             "(upgrade cdul-fast or relabel)")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(f"{path} has store format version {version}; this cdul-fast reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade cdul-fast or relabel)")
         if n_arrays > MAX_ARRAYS or state not in (STATE_WRITING, STATE_CLEAN):
             raise StoreError(f"{path} header is corrupted (arrays {n_arrays}, state {state})")
         arrays = []
@@ -130,7 +136,7 @@ class _Header:
                    file_bytes, arrays), crc
 
 
-def _layout(rows: int, classes: int, names: Sequence[str], meta_len: int) -> _Header:
+def _layout(rows: int, classes: int, names: Sequence[str], meta_len: int, file_stats: bool = False) -> _Header:
     meta_capacity = _round_up(max(64 * 1024, 4 * meta_len))
     done_offset = PAGE + meta_capacity
     done_nbytes = rows
@@ -140,6 +146,9 @@ def _layout(rows: int, classes: int, names: Sequence[str], meta_len: int) -> _He
     for name in names:
         arrays.append(_Array(name, pos, nbytes))
         pos += _round_up(max(nbytes, 1))
+    if file_stats:
+        arrays.append(_Array(FILE_STAT, pos, rows * 16, dtype=DTYPE_FILE_STAT))
+        pos += _round_up(max(rows * 16, 1))
     return _Header(STATE_WRITING, rows, classes, PAGE, meta_capacity, meta_len, done_offset, done_nbytes, 0, pos,
                    arrays)
 
@@ -152,8 +161,10 @@ def _crc32(buf, offset: int, length: int) -> int:
 def _check_names(names: Sequence[str]) -> None:
     if not names:
         raise StoreError("a label store needs at least one array")
-    if len(names) > MAX_ARRAYS:
-        raise StoreError(f"a label store holds at most {MAX_ARRAYS} arrays, got {len(names)}")
+    if len(names) > MAX_ARRAYS - 1:
+        raise StoreError(f"a label store holds at most {MAX_ARRAYS - 1} label arrays, got {len(names)}")
+    if FILE_STAT in names:
+        raise StoreError(f"the array name {FILE_STAT!r} is reserved for the images' file stats")
     if len(set(names)) != len(names):
         raise StoreError(f"array names must be unique: {list(names)}")
     for n in names:
@@ -264,14 +275,20 @@ class LabelStore:
         self.done = np.frombuffer(buf, dtype=np.uint8, count=header.rows, offset=header.done_offset)
         self._arrays = {a.name: np.frombuffer(buf, dtype=np.float32, count=header.rows * header.classes,
                                               offset=a.offset).reshape(header.rows, header.classes)
-                        for a in header.arrays}
+                        for a in header.arrays if a.dtype == DTYPE_FLOAT32}
+        self._stats = next((np.frombuffer(buf, dtype="<i8", count=header.rows * 2, offset=a.offset)
+                            .reshape(header.rows, 2) for a in header.arrays if a.dtype == DTYPE_FILE_STAT), None)
         self._closed = False
 
     # -- constructors
     @classmethod
     def create(cls, path: str | Path, class_names: Sequence[str], rows: int, arrays: Sequence[str],
-               meta: Mapping | None = None, overwrite: bool = False, backend: str = "auto") -> LabelStore:
-        """A new zero-filled store (state WRITING on disk), opened for writing; see "Crash safety" in the format doc."""
+               meta: Mapping | None = None, overwrite: bool = False, backend: str = "auto",
+               file_stats: np.ndarray | None = None) -> LabelStore:
+        """A new zero-filled store (state WRITING on disk), opened for writing; see "Crash safety" in the format doc.
+
+        ``file_stats`` (int64 [rows, 2], ``fsutil.file_stats``) records which file each row was labelled from, so a
+        store is refused for edited or other images with the same names (``changed_rows``)."""
         path = Path(path)
         names = list(arrays)
         _check_names(names)
@@ -281,10 +298,17 @@ class LabelStore:
         if isinstance(rows, bool) or int(rows) != rows or int(rows) < 0:
             raise StoreError(f"rows must be an integer >= 0, got {rows!r}")
         _pick_backend(backend)
+        if file_stats is not None:
+            file_stats = np.asarray(file_stats)
+            if file_stats.shape != (int(rows), 2) or file_stats.dtype.kind not in "iu":
+                raise StoreError(f"file_stats must be integer [{rows}, 2], got {file_stats.dtype} {file_stats.shape}")
         blob = _meta_bytes(class_names, meta or {})
-        h = _layout(int(rows), len(class_names), names, len(blob))
+        h = _layout(int(rows), len(class_names), names, len(blob), file_stats is not None)
         _create_file(path, h, blob, overwrite)
-        return cls.open(path, mode="r+", backend=backend, verify=False)
+        store = cls.open(path, mode="r+", backend=backend, verify=False)
+        if file_stats is not None:
+            store._stats[:] = file_stats
+        return store
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r", expect_classes: Sequence[str] | None = None,
@@ -299,6 +323,8 @@ class LabelStore:
         mapping = _ExtMapping(path, mode == "r+", ext) if ext is not None else _PyMapping(path, mode == "r+")
         try:
             store = cls._validate(path, mode, mapping, verify)
+            if mode == "r+":
+                _reserve_existing(path)  # a sparse file (older stores, copies) would die with SIGBUS on a full disk
         except BaseException:
             mapping.close()
             raise
@@ -360,7 +386,13 @@ class LabelStore:
 
     @property
     def array_names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self._h.arrays)
+        """The label arrays (float32 [rows, classes]); the file-stat array is not one of them."""
+        return tuple(a.name for a in self._h.arrays if a.dtype == DTYPE_FLOAT32)
+
+    @property
+    def file_stats(self) -> np.ndarray | None:
+        """int64 [rows, 2] (size, mtime_ns) of each row's image when it was labelled; None in version 1 stores."""
+        return self._stats
 
     @property
     def is_complete(self) -> bool:
@@ -379,6 +411,33 @@ class LabelStore:
         if recorded is not None and recorded != ids_sha256:
             raise StoreError(f"{self.path} was labelled from other images than {what} (the image lists differ): "
                              "label this dataset, or pass the dataset, split and options it was labelled with")
+
+    def changed_rows(self, stats_now: np.ndarray) -> np.ndarray | None:
+        """Rows whose image differs (size or mtime) from the one labelled; None when the store has no file stats."""
+        if self._stats is None:
+            return None
+        return np.flatnonzero((self._stats != np.asarray(stats_now)).any(axis=1)).astype(np.int64)
+
+    def check_files(self, stats_now: np.ndarray, ids: Sequence[str], what: str) -> None:
+        """Refuse a store whose labelled images were edited, replaced or removed since (same names are not enough)."""
+        changed = self.changed_rows(stats_now)
+        if changed is None:
+            return
+        changed = changed[self.done[changed] == DONE]
+        if changed.size:
+            n = int((self.done == DONE).sum())
+            raise StoreError(f"{changed.size} of the {n} images labelled in {self.path} differ from the files of "
+                             f"{what} now (size or modification time; first: {ids[int(changed[0])]!r}): they were "
+                             "edited, replaced or removed since labelling, or these are other files with the same "
+                             "names; relabel them with the same label command and --resume (it relabels only "
+                             "what changed)")
+
+    def set_file_stats(self, rows: np.ndarray, stats: np.ndarray) -> None:
+        """Record the current file stats of ``rows`` (a resumed label run, for the images it relabels)."""
+        self._need_write()
+        if self._stats is None:
+            raise StoreError(f"{self.path} is a version 1 store without file stats")
+        self._stats[np.asarray(rows, dtype=np.int64)] = np.asarray(stats)
 
     def pending_rows(self) -> np.ndarray:
         return np.flatnonzero(self.done == PENDING).astype(np.int64)
@@ -516,26 +575,95 @@ def _create_file(path: Path, h: _Header, meta_blob: bytes, overwrite: bool) -> N
     except OSError as exc:
         raise StoreError(f"cannot create label store {path}: {exc.strerror}") from exc
     try:
-        _flock(fd, True, path)
+        _flock(fd, True, path)  # a store in use by another process is refused here, before anything is changed
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
         os.ftruncate(fd, 0)
+        _reserve(fd, h.file_bytes, path)
         os.ftruncate(fd, h.file_bytes)
         os.pwrite(fd, meta_blob, h.meta_offset)
         region = meta_blob + bytes(h.meta_capacity - len(meta_blob))
         os.pwrite(fd, _sealed(h, region), 0)
         os.fsync(fd)
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         path.unlink(missing_ok=True)
+        if isinstance(exc, StoreError):
+            raise
         raise StoreError(f"cannot create label store {path}: {exc}") from exc
     finally:
         os.close(fd)  # drops the lock; open() takes it again
     fsync_dir(path.parent)
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+def _no_space(path: Path, needed: int) -> StoreError:
+    free = _free_bytes(path.parent)
+    return StoreError(f"not enough disk space for label store {path}: it needs {_size(needed)} more, "
+                      f"{_size(max(free, 0)) if free >= 0 else 'an unknown amount'} free there; free some space or "
+                      "write it elsewhere")
+
+
+def _reserve(fd: int, nbytes: int, path: Path) -> None:
+    """Allocate the file's blocks before it is mapped: a write through a mapping into a hole on a full disk is a
+    SIGBUS, which no error handler sees. Filesystems without fallocate get a free-space check instead."""
+    if nbytes <= 0:
+        return
+    have = os.fstat(fd).st_blocks * 512
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _no_space(path, max(nbytes - have, 0)) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise StoreError(f"cannot reserve {_size(nbytes)} for label store {path}: {exc.strerror}") from exc
+        free = _free_bytes(path.parent)
+        if 0 <= free < nbytes - have:
+            raise _no_space(path, nbytes - have) from None
+
+
+def _reserve_existing(path: Path) -> None:
+    """``_reserve`` for a store about to be opened for writing (a no-op when its blocks are allocated already)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return  # the backend's own open reports it
+    try:
+        st = os.fstat(fd)
+        if st.st_blocks * 512 < st.st_size:
+            _reserve(fd, st.st_size, path)
+    finally:
+        os.close(fd)
+
+
 def _check_layout(h: _Header, path: Path) -> None:
     """Every region inside the file, page aligned, sized for rows x classes."""
     ok = h.done_offset % PAGE == 0 and h.done_nbytes == h.rows and h.done_offset + h.done_nbytes <= h.file_bytes
+    stat_arrays = [a for a in h.arrays if a.dtype == DTYPE_FILE_STAT]
+    ok = ok and len(stat_arrays) <= 1 and all(a.name == FILE_STAT for a in stat_arrays)
     for a in h.arrays:
-        ok = ok and a.dtype == DTYPE_FLOAT32 and a.offset % PAGE == 0 and a.nbytes == h.rows * h.classes * 4
+        width = {DTYPE_FLOAT32: h.classes * 4, DTYPE_FILE_STAT: 16}.get(a.dtype)
+        ok = ok and width is not None and a.offset % PAGE == 0 and a.nbytes == h.rows * width
+        ok = ok and (a.dtype == DTYPE_FLOAT32) == (a.name != FILE_STAT)
         ok = ok and a.offset >= h.done_offset + h.done_nbytes and a.offset + a.nbytes <= h.file_bytes
     if not ok or h.classes < 1:
         raise StoreError(f"{path} header is corrupted (array layout)")

@@ -29,7 +29,7 @@ from ..config import BACKENDS, CACHE_MODES, METHODS, SCHEDULERS, TARGETS, check_
 from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
 from ..errors import ConfigError, StoreError, WeightsError
 from ..evaluate import average_precision
-from ..fsutil import atomic_write, save_json_atomic, save_yaml_atomic
+from ..fsutil import atomic_write, file_stats, save_json_atomic, save_yaml_atomic
 from ..ops import dispatch as ops
 from ..ops.reference import labels_to_latent, psi_c2_auto
 from ..store.label_store import DONE, LabelStore
@@ -193,7 +193,9 @@ class Trainer:
                 raise StoreError(f"{cfg.labels} ({src.rows} rows, {len(src.class_names)} classes) does not belong to "
                                  f"{self.train_ds.name}/{self.train_ds.split} ({len(self.train_ds)} images, "
                                  f"{self.train_ds.num_classes} classes)")
-            src.check_images(self.train_ds.ids_digest(), f"{self.train_ds.name}/{self.train_ds.split}")
+            what = f"{self.train_ds.name}/{self.train_ds.split}"
+            src.check_images(self.train_ds.ids_digest(), what)
+            src.check_files(file_stats(self.train_ds.paths), self.train_ds.ids, what)
             self.rows = np.flatnonzero(np.asarray(src.done) == DONE).astype(np.int64)
             if self.rows.size == 0:
                 raise StoreError(f"every image of {cfg.labels} was skipped when it was labelled (the reasons are in "

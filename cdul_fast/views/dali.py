@@ -3,8 +3,9 @@
 Geometry (which region each view samples, its resized size and crop offset) is computed in Python from the image
 header (``decode.probe_header``) with ``geometry.view_geometry`` — the same numbers the PIL path uses — and fed per
 sample, so both decoders cut identical regions; only the resampling filter implementation differs (DALI cubic vs
-PIL bicubic, both antialiased). A block DALI cannot decode is redone through PIL, image by image, so one bad file
-never stops a run.
+PIL bicubic, both antialiased). Views of extreme aspect ratio are fed as the direct resample of the region their
+crop keeps (``bounded=True``), so DALI never builds their full-size intermediate. A block DALI cannot decode is
+redone through PIL, image by image, so one bad file never stops a run.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class DaliViews:
         for r in block.tolist():
             try:
                 data = Path(self.paths[r]).read_bytes()
-                geoms.append(view_geometry(*probe_header(data).oriented_size, self.spec))
+                geoms.append(view_geometry(*probe_header(data).oriented_size, self.spec, bounded=True))
                 encoded.append(np.frombuffer(data, dtype=np.uint8))
                 rows.append(r)
             except Exception as exc:  # noqa: BLE001 - the decode policy: a reason, never an exception

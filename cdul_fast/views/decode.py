@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import CdulError, ImageDecodeError
-from .geometry import ViewSpec, pil_views
+from .geometry import ViewSpec
+from .resample import pil_views
 
 _ORIENT_SWAP = {5, 6, 7, 8}  # EXIF orientations that transpose width and height
 

@@ -5,7 +5,7 @@ where ``normalize_views`` turns them into the encoder's input. The resize + cent
 ``Resize(S, bicubic) -> CenterCrop(S)`` exactly (same size rounding, same crop offsets), so view 0 equals open_clip's
 own preprocessing of the image; snippet ``j`` is that preprocessing applied to grid cell ``j`` (row-major) of the
 original image, resampled straight from the original pixels (PIL's ``box=``), never from a downscaled copy.
-Decoding files into RGB images is ``views.decode``'s job.
+Decoding files into RGB images is ``views.decode``'s job; cutting the views, ``views.resample.pil_views``.
 """
 
 from __future__ import annotations
@@ -103,28 +103,36 @@ def view_boxes(width: int, height: int, grid: int) -> list[tuple[float, float, f
     return [(0.0, 0.0, float(width), float(height)), *grid_boxes(width, height, grid)]
 
 
-def view_geometry(width: int, height: int, spec: ViewSpec) -> np.ndarray:
+MAX_RESIZED_PIXELS = 16
+"""A view whose resized-before-crop image exceeds this many S x S squares (aspect ratio beyond 16:1) is computed
+without that intermediate image: its memory and time would grow with the aspect ratio (a 1 x 5000 image at 448 px:
+a 448 x 2240000 intermediate, 4 GB)."""
+
+
+def oversized(geometry: np.ndarray, size: int) -> np.ndarray:
+    """bool [V]: views of ``view_geometry`` whose resized intermediate is over ``MAX_RESIZED_PIXELS``."""
+    return geometry[:, 4].astype(np.float64) * geometry[:, 5] > MAX_RESIZED_PIXELS * size * size
+
+
+def view_geometry(width: int, height: int, spec: ViewSpec, bounded: bool = False) -> np.ndarray:
     """float32 [V, 8] per view: (y0, x0, y1, x1) source box, (h, w) resized size, (top, left) crop offset.
 
-    The one geometry both decoders use, so the DALI path resamples the same regions to the same sizes as PIL.
+    The one geometry both decoders use, so the DALI path resamples the same regions to the same sizes as PIL. With
+    ``bounded``, an ``oversized`` view becomes the equivalent direct resample of the region its crop keeps (source
+    box of the crop, size S x S, offset 0): the same region at the same scale, without the giant intermediate.
     """
     size = spec.image_size
     rows = []
     for x0, y0, x1, y1 in view_boxes(width, height, spec.grid):
         w, h = resized_size(x1 - x0, y1 - y0, size)
         rows.append((y0, x0, y1, x1, h, w, int(round((h - size) / 2.0)), int(round((w - size) / 2.0))))
-    return np.asarray(rows, dtype=np.float32)
-
-
-def pil_views(img: Image.Image, spec: ViewSpec) -> np.ndarray:
-    """uint8 [V, S, S, 3]: view 0 = whole image, views 1.. = grid cells; ``img`` must already be RGB."""
-    resample = _RESAMPLE[spec.interpolation]
-    w, h = img.size
-    boxes = view_boxes(w, h, spec.grid)
-    out = np.empty((len(boxes), spec.image_size, spec.image_size, 3), dtype=np.uint8)
-    for i, box in enumerate(boxes):
-        out[i] = np.asarray(resize_crop(img, box, spec.image_size, resample))
-    return out
+    g = np.asarray(rows, dtype=np.float64)
+    if bounded:
+        for v in np.flatnonzero(oversized(g, size)):
+            y0, x0, y1, x1, h, w, top, left = g[v]
+            sy, sx = (y1 - y0) / h, (x1 - x0) / w
+            g[v] = (y0 + top * sy, x0 + left * sx, y0 + (top + size) * sy, x0 + (left + size) * sx, size, size, 0, 0)
+    return g.astype(np.float32)
 
 
 def normalize_views(views: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
