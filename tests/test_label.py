@@ -298,3 +298,181 @@ def test_a_store_is_refused_for_another_image_list(tmp_path, image_folder, clip)
     with LabelStore.open(store) as st:
         st.check_images(own.ids_digest(), "its own images")  # accepted: no error
         assert st.meta["ids_sha256"] == own.ids_digest() != ds.ids_digest()
+
+
+# ------------------------------------------------------------------------------- issue 14: which files a store is of
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _redraw(path: Path, seed: int) -> None:
+    """Another image under the same name (new size and mtime)."""
+    _draw(np.random.default_rng(seed), GRID * SIZE + 3).save(path)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse-mtime filesystems still see a change
+
+
+def _train_cfg(store: Path, root: Path, out: Path):
+    from cdul_fast.train.trainer import TrainConfig
+
+    return TrainConfig(labels=str(store), out=str(out), dataset="folder", root=str(root), split="all",
+                       test_split="none", dataset_options={"classes": ",".join(CLASSES)}, arch="shapesnet",
+                       image_size=32, device="cpu", workers=0, progress=False)
+
+
+def test_a_store_is_refused_for_other_files_with_the_same_names(tmp_path, image_folder, clip):
+    """Issue 14, 1: a store labelled on folder B was accepted for folder A (same names, size, classes)."""
+    from cdul_fast.train.trainer import Trainer
+
+    other = _copy_folder(image_folder, tmp_path / "b")
+    for i in range(11):
+        _redraw(other / f"im{i:02d}.png", 100 + i)
+    store = tmp_path / "b.cdul"
+    run_label(_cfg(store, other), log=lambda s: None, clip=clip)
+    ds_a = load_dataset("folder", image_folder, "all", classes=",".join(CLASSES), labels="labels.csv")
+    assert ds_a.ids_digest() == load_dataset("folder", other, "all", classes=",".join(CLASSES)).ids_digest()
+    with pytest.raises(StoreError, match="11 of the 11 images labelled .* differ from the files"):
+        evaluate_store(store, ds_a)
+    with pytest.raises(StoreError, match="differ from the files"):
+        Trainer(_train_cfg(store, image_folder, tmp_path / "run"), log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+    evaluate_store(store, load_dataset("folder", other, "all", classes=",".join(CLASSES), labels="labels.csv"))
+
+
+def test_label_resume_relabels_images_edited_in_place(tmp_path, image_folder, clip):
+    """Issue 14, 1: rows labelled before an edit kept the old image's labels. Now the resumed store equals a fresh
+    store of the edited folder, byte for byte, and eval accepts it again."""
+    root = _copy_folder(image_folder, tmp_path / "f")
+    out = tmp_path / "f.cdul"
+    run_label(_cfg(out, root), log=lambda s: None, clip=clip)
+    _redraw(root / "im05.png", 7)
+    (root / "im09.png").write_bytes(b"not an image any more")
+    ds = load_dataset("folder", root, "all", classes=",".join(CLASSES), labels="labels.csv")
+    with pytest.raises(StoreError, match="2 of the 11 images labelled"):
+        evaluate_store(out, ds)
+    notes: list[str] = []
+    res = run_label(_cfg(out, root, resume=True), log=notes.append, clip=clip)
+    assert any("2 images changed since they were labelled" in n for n in notes)
+    assert res.complete and res.labelled == 10 and res.skipped == 1
+    assert res.labelled_now == 4 + 2  # the blocks of rows 4-7 and 8-10 are redone; 9 is skipped now
+    fresh = tmp_path / "fresh.cdul"
+    run_label(_cfg(fresh, root), log=lambda s: None, clip=clip)
+    assert out.read_bytes() == fresh.read_bytes()
+    evaluate_store(out, ds)  # accepted again
+
+
+# ------------------------------------------------------------------------------------- issue 14: the skip log
+
+
+def _skip_log(out: Path) -> list[str]:
+    return (out.parent / (out.name + ".skipped.tsv")).read_text(encoding="utf-8").splitlines()
+
+
+def test_a_broken_file_with_a_newline_in_its_name_leaves_the_folder_labellable(tmp_path, image_folder, capsys):
+    """Issue 14, 3: the name broke the log's TSV, so --resume died ("not enough values to unpack") after flipping
+    the clean store to WRITING, and --overwrite truncated the store, then crashed."""
+    root = _copy_folder(image_folder, tmp_path / "nl")
+    (root / "bad\nname\t.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "nl.cdul"
+    args = _cli_args(out, root)
+    assert main(args) == 0
+    log = _skip_log(out)
+    assert len(log) == 2 and log[1].split("\t")[1] == "bad\\nname\\t.png" and "cannot decode" in log[1]
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "12 images: 11 labelled (0 by this run), 1 skipped" in capsys.readouterr().out
+    assert out.read_bytes() == before  # still clean, nothing relabelled
+    with LabelStore.open(out) as st:
+        assert st.clean
+    assert main([*args, "--overwrite"]) == 0
+    assert out.read_bytes() == before and _skip_log(out) == log
+
+
+def test_the_skip_log_always_agrees_with_the_done_map(tmp_path, image_folder, capsys):
+    """Issue 14, 3: --overwrite after fixing an image kept its old entry; a kill before the log was written lost
+    entries. The log is rewritten from the done map; a missing reason is found by decoding the file again."""
+    root = _copy_folder(image_folder, tmp_path / "s")
+    good = (root / "im04.png").read_bytes()
+    (root / "im04.png").write_bytes(b"broken")
+    out = tmp_path / "s.cdul"
+    args = _cli_args(out, root)
+    assert main(args) == 0
+    entry = _skip_log(out)[1]
+    assert entry.startswith("4\tim04.png\t")
+    log = out.parent / (out.name + ".skipped.tsv")
+    log.write_text("row\tid\treason\nnot a row\n99\tim99.png\tstale\n3\tim03.png\tstale, wrong row\n")  # a bad log
+    assert main([*args, "--resume"]) == 0
+    assert _skip_log(out) == ["row\tid\treason", entry]  # the reason is found again, the junk is gone
+    log.unlink()  # a run killed before it wrote the log
+    assert main([*args, "--resume"]) == 0
+    assert _skip_log(out) == ["row\tid\treason", entry]
+    (root / "im04.png").write_bytes(good)  # fixed
+    capsys.readouterr()
+    assert main([*args, "--overwrite"]) == 0
+    assert "11 images: 11 labelled, 0 skipped" in capsys.readouterr().out and not log.exists()
+
+
+# ---------------------------------------------------------------------------------------- issue 14: a full disk
+
+
+def _unshare_works() -> bool:
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs user namespaces to mount a small tmpfs")
+def test_label_on_a_full_disk_is_one_line_not_sigbus(tmp_path, image_folder):
+    """Issue 14, 4: the store was sized with ftruncate (a hole) and written through the mapping: on a full disk
+    `label` died of SIGBUS (exit 135) with no message. Now the space is reserved first: one line, exit 2."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "s.cdul"
+    # the header and metadata (68 KiB) fit in 80 KiB; the done map, 6 arrays and the file stats (a page each) do not
+    args = [*_cli_args(out, image_folder)[:-1], "--save", "global,aggregate,cdul,avg,max", "--no-progress"]
+    script = (f"mount -t tmpfs -o size=80k none {disk} && cd {Path(__file__).parent.parent} && "
+              f"{sys.executable} -m cdul_fast.cli {' '.join(repr(a) for a in args)}")
+    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines() if "error" in ln]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and "not enough disk space" in lines[0] and "free" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_store_that_does_not_fit_is_refused_before_anything_is_mapped(tmp_path, monkeypatch):
+    """Issue 14, 4: where fallocate says ENOSPC, create fails in one line naming the bytes, and leaves no file."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    path = tmp_path / "s.cdul"
+    with pytest.raises(StoreError, match=r"not enough disk space for label store .* needs [0-9.]+ KiB more"):
+        LabelStore.create(path, CLASSES, 1000, ["final"])
+    assert not path.exists()
+
+
+def test_a_sparse_store_is_reserved_when_it_is_opened_for_writing(tmp_path):
+    """Stores written before this change (or copied sparse) get their holes allocated before they are resumed."""
+    path = tmp_path / "s.cdul"
+    LabelStore.create(path, CLASSES, 5000, ["final", "global"]).close()
+    data = path.read_bytes()
+    path.unlink()
+    with open(path, "wb") as fh:  # the same bytes, written sparse: only the header pages hold blocks
+        fh.write(data[:8192])
+        fh.truncate(len(data))
+    assert path.stat().st_blocks * 512 < len(data)
+    with LabelStore.open(path, mode="r+"):
+        pass
+    assert path.stat().st_blocks * 512 >= len(data)

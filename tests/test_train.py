@@ -303,3 +303,83 @@ def test_a_store_whose_images_were_all_skipped_is_refused(world, tmp_path):
     with pytest.raises(StoreError, match="nothing to train on"):
         Trainer(_cfg(world, tmp_path / "run", labels=str(store)), log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------- issue 14, 8: images that are not what was labelled
+
+
+def _own_world(world: dict, tmp_path: Path) -> tuple[dict, Path]:
+    """A copy of the world whose store records the train images' file stats (as `label` writes it)."""
+    import shutil
+
+    from cdul_fast.datasets import load_dataset
+    from cdul_fast.fsutil import file_stats
+
+    base = tmp_path / "w"
+    shutil.copytree(world["base"], base)
+    ds = load_dataset("folder", base, "train", classes=",".join(CLASSES), labels="labels.csv")
+    store = base / "own.cdul"
+    with LabelStore.create(store, class_names=CLASSES, rows=len(ds), arrays=["final"], file_stats=file_stats(ds.paths),
+                           meta={"dataset": "folder", "split": "train", "ids_sha256": ds.ids_digest()}) as st:
+        st.write(0, {"final": world["noisy"]})
+    return {**world, "base": base, "store": store}, base / "train"
+
+
+def test_images_corrupted_after_labelling_are_refused(world, tmp_path):
+    """Issue 14, 8: after the images were corrupted, train trained on black images and exited 0."""
+    own, images = _own_world(world, tmp_path)
+    (images / "im007.png").write_bytes(b"corrupted")
+    with pytest.raises(StoreError, match=r"1 of the 96 images labelled .* differ from the files.*'train/im007.png'"):
+        Trainer(_cfg(own, tmp_path / "run"), log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cache", ["yes", "no"])
+def test_images_that_fail_to_decode_at_train_time_never_enter_training(world, tmp_path, monkeypatch, cache):
+    """A file that is unchanged but cannot be decoded now (permissions, a flaky mount) is left out, with a note, of
+    the batches, the label update and the metrics: never a black placeholder image."""
+    import cdul_fast.views.square as square
+
+    bad = {("train", "im003.png"), ("train", "im050.png"), ("test", "im007.png")}
+    real = square.load_square
+
+    def flaky(path, size):
+        if (Path(path).parent.name, Path(path).name) in bad:
+            raise OSError("Permission denied")
+        return real(path, size)
+
+    monkeypatch.setattr(square, "load_square", flaky)
+    seen: list[np.ndarray] = []
+    orig = Trainer._targets
+
+    def spy(self, rows):
+        seen.append(np.asarray(rows).copy())
+        return orig(self, rows)
+
+    monkeypatch.setattr(Trainer, "_targets", spy)
+    notes: list[str] = []
+    tr = Trainer(_cfg(world, tmp_path / "run", cache_images=cache, epochs=2, warmup=1), log=notes.append)
+    latent0 = np.array(tr.store.array("latent"))
+    tr.run()
+    trained = np.unique(np.concatenate(seen))
+    assert 3 not in trained and 50 not in trained and trained.size == 96 - 2
+    assert sum("cannot be decoded now" in n for n in notes) == 2  # one note for train, one for test
+    with LabelStore.open(tmp_path / "run" / "labels.cdul") as st:
+        latent = np.asarray(st.array("latent"))
+        np.testing.assert_array_equal(latent[[3, 50]], latent0[[3, 50]])  # no update from a missing prediction
+        assert not np.array_equal(latent[[4, 51]], latent0[[4, 51]])
+
+
+@pytest.mark.parametrize("cache", ["yes", "no"])
+def test_training_when_no_labelled_image_decodes_is_refused(world, tmp_path, monkeypatch, cache):
+    import cdul_fast.views.square as square
+
+    def broken(path, size):
+        raise OSError("Input/output error")
+
+    monkeypatch.setattr(square, "load_square", broken)
+    with pytest.raises(StoreError, match="nothing to train on"):
+        tr = Trainer(_cfg(world, tmp_path / "run", cache_images=cache, test_split="none"), log=lambda s: None)
+        tr.run()
+    if cache == "yes":
+        assert not (tmp_path / "run").exists()

@@ -165,3 +165,59 @@ def test_dali_cpu_matches_pil_within_one_level(tmp_path):
     for a, b in zip(pil, dali):
         diff = (a.views.float() - b.views.float()).abs()
         assert diff.max() <= 2 and diff.mean() < 0.5  # same regions; only the cubic filter implementations differ
+
+
+# ------------------------------------------------------------------------- issue 14, 7: extreme aspect ratios
+
+
+@pytest.mark.parametrize("interp", ["bicubic", "bilinear", "lanczos"])
+@pytest.mark.parametrize("w, h", [(3, 700), (900, 5), (40, 41)])
+def test_the_bounded_path_gives_pils_bytes(monkeypatch, w, h, interp):
+    """The path for extreme aspect ratios (no full-size intermediate) returns exactly PIL's resize + crop."""
+    import cdul_fast.views.resample as resample
+
+    img = Image.fromarray(_smooth_image(w, h, seed=3))
+    spec = ViewSpec(24, grid=3, interpolation=interp)
+    full = pil_views(img, spec)  # small enough that PIL's own path runs
+    monkeypatch.setattr(resample, "oversized", lambda g, size: np.ones(len(g), dtype=bool))
+    np.testing.assert_array_equal(pil_views(img, spec), full)
+
+
+def test_the_bounded_geometry_samples_the_region_the_crop_keeps(monkeypatch):
+    """DALI and NEAREST take the crop's own source region at S x S: the same pixels within interpolation error."""
+    import cdul_fast.views.geometry as geometry
+
+    img = Image.fromarray(_smooth_image(60, 900, seed=1))
+    spec = ViewSpec(32, grid=3, interpolation="nearest")
+    full = pil_views(img, spec).astype(np.int16)
+    monkeypatch.setattr(geometry, "MAX_RESIZED_PIXELS", 0)
+    bounded = pil_views(img, spec).astype(np.int16)
+    g = view_geometry(60, 900, spec, bounded=True)
+    assert np.all(g[:, 4:6] == 32) and np.all(g[:, 6:8] == 0)
+    diff = np.abs(full - bounded)
+    assert diff.mean() < 2.0 and np.quantile(diff, 0.95) <= 8  # a half-pixel phase at most
+
+
+_EXTREME = """
+import resource, sys, time
+import numpy as np
+from PIL import Image
+from cdul_fast.views.geometry import ViewSpec
+from cdul_fast.views.resample import pil_views
+img = Image.fromarray(np.full((5000, 1, 3), 200, dtype=np.uint8))  # 1 x 5000
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+views = pil_views(img, ViewSpec(448, grid=3))
+assert views.shape == (10, 448, 448, 3) and int(views.min()) == int(views.max()) == 200, views.shape
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_a_1x5000_image_is_cut_in_bounded_memory():
+    """Issue 14, 7: one 1 x 5000 image took 4.6 GB (and 158 s) at 448 px: PIL resized it to 448 x 2240000 first."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _EXTREME], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown = int(proc.stdout.split()[-1])
+    assert grown < 512 << 20, f"peak memory grew by {grown / 2**20:.0f} MiB"

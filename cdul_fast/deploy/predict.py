@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, WeightsError
 from ..fsutil import atomic_write, write_text_atomic
@@ -71,9 +70,7 @@ def predict_paths(model: OnnxClassifier, paths: list[Path], batch_size: int = 32
                           cache=False, progress=progress, desc="predict")
     scores = np.full((len(paths), len(model.class_names)), np.nan, dtype=np.float32)
     for rows, x in images.batches(np.arange(len(paths)), batch_size):
-        ok = np.array([i for i, r in enumerate(rows.tolist()) if r not in images.errors], dtype=np.int64)
-        if ok.size:
-            scores[rows[ok]] = model(x[torch.from_numpy(ok)].numpy().astype(np.float32) / 255.0)
+        scores[rows] = model(x.numpy().astype(np.float32) / 255.0)
     return scores, dict(images.errors)
 
 

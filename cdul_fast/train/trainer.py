@@ -211,16 +211,39 @@ class Trainer:
             self.history: list[dict] = []
             self.start_epoch = 1
             ck = self._load_checkpoint() if self._resuming() else None
+            workers = cfg.workers if cfg.workers is not None else min(8, max(1, (torch.get_num_threads() or 2) - 1))
+            self.train_imgs = _images(self.train_ds, cfg, workers, "decode train")
+            self.test_imgs = _images(self.test_ds, cfg, workers, "decode test") if self.test_ds is not None else None
+            self._noted: dict[str, set[int]] = {"train": set(), "test": set()}
+            self._note_decode_failures()
+            if self.train_imgs.cache and np.isin(self.rows, np.fromiter(self.train_imgs.errors, np.int64)).all():
+                raise StoreError(f"none of the {self.rows.size} labelled images of {self.train_ds.name}/"
+                                 f"{self.train_ds.split} can be decoded now: there is nothing to train on")
+            self._drop_undecodable()
             self._prepare_out(src)
         if ck is not None:
             self._restore_labels(ck)
-        workers = cfg.workers if cfg.workers is not None else min(8, max(1, (torch.get_num_threads() or 2) - 1))
-        self.train_imgs = _images(self.train_ds, cfg, workers, "decode train")
-        self.test_imgs = _images(self.test_ds, cfg, workers, "decode test") if self.test_ds is not None else None
         self.expected_pos = float((np.asarray(self.store.array("init"))[self.rows] >= cfg.hard_threshold).sum(1)
                                   .mean()) if self.rows.size else 1.0
 
     # -- setup
+    def _note_decode_failures(self) -> None:
+        """Images that fail to decode now are left out of training and metrics (never fed as black images): say so
+        once per image set, with the first reason."""
+        for key, imgs, ds in (("train", self.train_imgs, self.train_ds), ("test", self.test_imgs, self.test_ds)):
+            if imgs is None:
+                continue
+            new = sorted(set(imgs.errors) - self._noted[key])
+            if new:
+                self._noted[key].update(new)
+                self.log(f"note: {len(new)} images of {ds.name}/{ds.split} cannot be decoded now and are left out "
+                         f"of training and metrics (first: {imgs.errors[new[0]]})")
+
+    def _drop_undecodable(self) -> None:
+        """Rows whose image fails to decode now get no prediction: they leave the training set and the label update."""
+        if self.train_imgs.errors:
+            self.rows = np.setdiff1d(self.rows, np.fromiter(self.train_imgs.errors, np.int64))
+
     def _resuming(self) -> bool:
         """Whether there is a checkpoint to continue from (refuses a non-empty folder without --resume/--overwrite)."""
         cfg = self.cfg
@@ -324,9 +347,12 @@ class Trainer:
             n += len(rows)
             bar.update(len(rows))
         bar.close()
+        if n == 0:
+            raise StoreError(f"none of the {order.size} labelled images of {self.train_ds.name}/{self.train_ds.split} "
+                             f"could be decoded in epoch {epoch}: there is nothing to train on")
         if self.sched is not None:
             self.sched.step()
-        return total / max(n, 1)
+        return total / n
 
     def _update_latent(self) -> None:
         """Eq. 7-8 over the whole matrix at once: the fused kernel streams the memory-mapped arrays in place."""
@@ -360,7 +386,10 @@ class Trainer:
             labels = np.asarray(self.store.array("labels" if self.cfg.updates_labels else "init"))
             row["pseudo_map"] = _map(labels[self.rows], self.train_ds.labels[self.rows])
         if self.test_ds is not None and self.test_imgs is not None:
-            row["test_map"] = _map(self.predict(self.test_imgs, len(self.test_ds)), self.test_ds.labels)
+            scores = self.predict(self.test_imgs, len(self.test_ds))
+            ok = np.setdiff1d(np.arange(len(self.test_ds)), np.fromiter(self.test_imgs.errors, np.int64))
+            row["test_map"] = _map(scores[ok], self.test_ds.labels[ok]) if ok.size else None
+        self._note_decode_failures()
         return row
 
     def _checkpoint(self, epoch: int) -> None:
@@ -394,6 +423,7 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             te = time.perf_counter()
             loss = self._train_epoch(epoch)
+            self._drop_undecodable()
             if cfg.updates_labels and epoch > cfg.warmup:
                 self._update_latent()
             row = self._metrics(epoch, loss, time.perf_counter() - te)

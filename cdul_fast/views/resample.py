@@ -183,7 +183,7 @@ def pil_views(img: Image.Image, spec: ViewSpec) -> np.ndarray:
     big = oversized(view_geometry(w, h, spec), spec.image_size)
     if big.any():
         if spec.interpolation in _SUPPORT:
-            return resample_views(torch.from_numpy(np.asarray(img)), spec).numpy()
+            return resample_views(torch.from_numpy(np.array(img)), spec).numpy()
         g = view_geometry(w, h, spec, bounded=True)
         return np.stack([np.asarray(img.resize((spec.image_size, spec.image_size), resample,
                                                box=(float(x0), float(y0), float(x1), float(y1))))

@@ -94,14 +94,22 @@ class ImageTensors:
                 yield idx, x
 
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """(rows, uint8 [B, 3, S, S]) in the given row order."""
+        """(rows, uint8 [B, 3, S, S]) in the given row order; images that fail to decode are left out (their rows
+        and reasons are in ``errors``), so no caller ever sees a black placeholder."""
         if self._data is not None:
+            order = np.asarray(order)
+            if self.errors:
+                order = order[~np.isin(order, np.fromiter(self.errors, dtype=np.int64))]
             for i in range(0, len(order), batch_size):
                 rows = np.asarray(order[i:i + batch_size])
                 yield rows, self._data[torch.from_numpy(rows)]
             return
         for idx, x in self._decode(np.asarray(order), batch_size):
-            yield idx.numpy(), x
+            ok = torch.tensor([int(i) not in self.errors for i in idx.tolist()], dtype=torch.bool)
+            if bool(ok.all()):
+                yield idx.numpy(), x
+            elif bool(ok.any()):
+                yield idx[ok].numpy(), x[ok]
 
 
 def cache_fits(n: int, size: int, limit_bytes: int = 4 << 30) -> bool:
