@@ -31,6 +31,24 @@ def check_choice(flag: str, value: object, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def check_number(flag: str, value: object, lo: float | None = None, hi: float | None = None,
+                 integer: bool = False, optional: bool = False) -> None:
+    """One-line error for a value that is not a finite number in [lo, hi] (NaN and inf slip past plain < checks)."""
+    import math
+
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        span = f" in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{flag} must be a finite {'integer' if integer else 'number'}{span}, got {value!r}")
+
+
+SEED_MAX = 2**63 - 1
+
+
 def package_defaults(command: str) -> dict:
     """The defaults shipped in ``cdul_fast/configs/<command>.yaml`` (empty when the command has none)."""
     res = resources.files("cdul_fast").joinpath("configs", f"{command}.yaml")
@@ -46,6 +64,8 @@ def load_config_file(path: str | Path, known: set[str]) -> dict:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {p}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {getattr(exc, 'strerror', None) or exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -56,11 +76,55 @@ def load_config_file(path: str | Path, known: set[str]) -> dict:
     return data
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _typed(key: str, value: object, default: object, source: Path) -> object:
+    """A config file's value in the type of the shipped default: YAML 1.1 reads ``1e-3`` as a string and a quoted
+    'false' is a (truthy) string, so both are converted; anything else of the wrong type is one line."""
+    where = f"config file {source}: {key}"
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return value
+        raise ConfigError(f"{where} must be a list, got {value!r}")
+    if isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where} must be a mapping of option: value, got {value!r}")
+    return value
+
+
 def resolve(command: str, explicit: dict, config_path: str | None = None) -> dict:
     """defaults < --config file < flags given on the command line."""
     cfg = package_defaults(command)
     if config_path:
-        cfg.update(load_config_file(config_path, set(cfg) | set(explicit)))
+        data = load_config_file(config_path, set(cfg) | set(explicit))
+        cfg.update({k: _typed(k, v, cfg.get(k), Path(config_path)) for k, v in data.items()})
     cfg.update(explicit)
     return cfg
 

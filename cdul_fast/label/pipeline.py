@@ -22,7 +22,7 @@ import torch
 
 from .._backend import resolve_device
 from ..clip.loader import DEFAULT_TEMPLATE, ClipModel, load_clip
-from ..config import AGGREGATORS, BACKENDS, OUTPUTS, PRECISIONS, check_choice
+from ..config import AGGREGATORS, BACKENDS, OUTPUTS, PRECISIONS, SEED_MAX, check_choice, check_number
 from ..datasets import MultiLabelSet, load_dataset
 from ..errors import ConfigError, StoreError
 from ..fsutil import file_stats, save_yaml_atomic, write_text_atomic
@@ -33,6 +33,9 @@ from ..views.geometry import ViewSpec, normalize_views
 from ..views.registry import ALIASES as DECODER_ALIASES
 from ..views.registry import make_view_source
 from ..views.source import plan_blocks
+
+MAX_GRID = 16
+"""More snippets than 16 x 16 = 256 per image is past any use in the paper (G = 3) and runs machines out of memory."""
 
 
 @dataclass
@@ -81,6 +84,11 @@ class LabelConfig:
             raise ConfigError("--resume and --overwrite exclude each other")
         check_choice("--backend", self.backend, BACKENDS)
         check_choice("--clip-precision", self.clip_precision, PRECISIONS)
+        check_number("--grid", self.grid, lo=1, hi=MAX_GRID, integer=True)
+        check_number("--batch-size", self.batch_size, lo=1, hi=1 << 20, integer=True)
+        check_number("--workers", self.workers, lo=0, integer=True, optional=True)
+        check_number("--flush-every", self.flush_every, lo=0, integer=True)
+        check_number("--seed", self.seed, lo=0, hi=SEED_MAX, integer=True)
 
 
 def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: str, precision: str) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .._backend import resolve_device
-from ..config import BACKENDS, CACHE_MODES, METHODS, SCHEDULERS, TARGETS, check_choice
+from ..config import BACKENDS, CACHE_MODES, METHODS, SCHEDULERS, SEED_MAX, TARGETS, check_choice, check_number
 from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
 from ..errors import ConfigError, StoreError, WeightsError
 from ..evaluate import average_precision
@@ -99,6 +99,15 @@ class TrainConfig:
             raise ConfigError(f"--hard-threshold must be in (0, 1), got {self.hard_threshold}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        for flag, value in (("--lr", self.lr), ("--label-lr", self.label_lr), ("--sigma", self.sigma),
+                            ("--weight-decay", self.weight_decay), ("--epr-weight", self.epr_weight)):
+            check_number(flag, value, lo=0.0)
+        check_number("--c1", self.c1)
+        check_number("--c2", self.c2, optional=True)
+        check_number("--smoothing", self.smoothing, lo=0.0, hi=0.5)
+        check_number("--workers", self.workers, lo=0, integer=True, optional=True)
+        check_number("--seed", self.seed, lo=0, hi=SEED_MAX // 1_000_003 - 1, integer=True)
+        check_number("--image-size", self.image_size, lo=8, hi=4096, integer=True)
 
     @property
     def updates_labels(self) -> bool:
