@@ -104,18 +104,11 @@ def _typed(key: str, value: object, default: object, source: Path) -> object:
             except ValueError:
                 pass
         raise ConfigError(f"{where} must be a number, got {value!r}")
-    if isinstance(default, str):
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    if isinstance(default, (list, tuple)):
-        if isinstance(value, (list, tuple)):
-            return value
-        raise ConfigError(f"{where} must be a list, got {value!r}")
-    if isinstance(default, dict):
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"{where} must be a mapping of option: value, got {value!r}")
+    for kinds, what in ((str, "a string"), ((list, tuple), "a list"), (dict, "a mapping of option: value")):
+        if isinstance(default, kinds):
+            if isinstance(value, kinds):
+                return value
+            raise ConfigError(f"{where} must be {what}, got {value!r}")
     return value
 
 

@@ -335,83 +335,74 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
     text = clip.encode_text(ds.class_names, cfg.template)  # before the store is opened: it can refuse the classes
     stats = file_stats(ds.paths)
     skips = _SkipLog(Path(cfg.out), ds, keep_old=cfg.resume)  # read before the store is opened, and never fatal
-    store = _open_store(cfg, ds, arrays, meta, stats)
-    try:
-        return _label_into(cfg, log, ds, clip, device, precision, spec, source, arrays, text, stats, skips, store)
-    finally:
-        store.close()  # on any error too: sealed, so a store that was clean stays verifiable
+    # closed (sealed) on success, Ctrl-C and any error alike, so a store that was clean stays verifiable
+    with _open_store(cfg, ds, arrays, meta, stats) as store:
+        if cfg.resume:
+            _relabel_changed(store, stats, skips, log)
+        else:
+            skips.remove()  # a new store: reasons of the one it replaces mean nothing
+        outputs = sorted({cfg.aggregator, *[a for a in arrays if a != "final"]})
+        scale = clip.logit_scale
+        blocks = plan_blocks(store.pending_rows(), len(ds), cfg.batch_size)
+        todo = int(sum(b.size for b in blocks))
+        log(f"labelling {todo} of {len(ds)} images of {ds.name}/{ds.split} ({len(ds.class_names)} classes) with "
+            f"{clip.name} on {device} [{source.name} decode, {spec.num_views} views of {spec.image_size}px, "
+            f"{cfg.aggregator} aggregation] -> {cfg.out}")
 
+        from tqdm import tqdm
 
-def _label_into(cfg: LabelConfig, log: Callable[[str], None], ds: MultiLabelSet, clip: ClipModel,
-                device: torch.device, precision: str, spec: ViewSpec, source, arrays: list[str], text: torch.Tensor,
-                stats: np.ndarray, skips: _SkipLog, store: LabelStore) -> LabelResult:
-    if cfg.resume:
-        _relabel_changed(store, stats, skips, log)
-    else:
-        skips.remove()  # a new store: reasons of the one it replaces mean nothing
-    outputs = sorted({cfg.aggregator, *[a for a in arrays if a != "final"]})
-    scale = clip.logit_scale
-    blocks = plan_blocks(store.pending_rows(), len(ds), cfg.batch_size)
-    todo = int(sum(b.size for b in blocks))
-    log(f"labelling {todo} of {len(ds)} images of {ds.name}/{ds.split} ({len(ds.class_names)} classes) with "
-        f"{clip.name} on {device} [{source.name} decode, {spec.num_views} views of {spec.image_size}px, "
-        f"{cfg.aggregator} aggregation] -> {cfg.out}")
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=todo, unit="img", disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=device.type == "cuda" and precision != "fp32")
-    t0 = time.perf_counter()
-    done_now = skipped_now = 0
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean close as Ctrl-C
-    writer = _DeferredWriter(store, device)
-    try:
-        for n, batch in enumerate(source.batches(blocks)):
-            for row, why in batch.failed:
-                skips.add(row, why)
-            if batch.failed:
-                _mark_skipped(store, np.array([r for r, _ in batch.failed], dtype=np.int64))
-            if batch.rows.size:
-                with torch.inference_mode(), autocast:
-                    x = normalize_views(batch.views.to(device, non_blocking=True), spec.mean, spec.std)
-                    feats = clip.encode_image(x).float().view(batch.rows.size, spec.num_views, -1)
-                cos = ops.cosine_scores(feats, text)
-                scores = ops.aggregate_scores(cos, scale, cfg.zeta, cfg.lam, outputs, backend=cfg.backend)
-                values = {"final": scores[cfg.aggregator]}
-                values.update({a: scores[a] for a in arrays if a != "final"})
-                writer.submit(batch.rows, values)
-            done_now += int(batch.rows.size)
-            skipped_now += len(batch.failed)
-            bar.update(int(batch.rows.size) + len(batch.failed))
-            if cfg.flush_every and (n + 1) % cfg.flush_every == 0:
-                writer.drain()
-                store.flush()
-                skips.save(store.done)
-        writer.drain()
-    except KeyboardInterrupt:
-        bar.close()
-        writer.drain()  # the last computed block is written, so --resume does not redo it
-        left = int(store.pending_rows().size)
-        skips.save(store.done)
-        store.close()
-        log(f"interrupted: the store is consistent, {left} images left; continue with the same command and --resume")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        bar.close()
-    seconds = time.perf_counter() - t0
-    complete = store.is_complete
-    labelled = int((store.done == DONE).sum())
-    skipped = skips.save(store.done)
-    store.close()
-    if skipped:
-        log(f"skipped {skipped} undecodable images (listed in {skips.path})")
-    _save_config(cfg, Path(cfg.out))
-    return LabelResult(store=Path(cfg.out), rows=len(ds), labelled=labelled, skipped=skipped, labelled_now=done_now,
-                       seconds=seconds, images_per_second=(done_now + skipped_now) / max(seconds, 1e-9),
-                       complete=complete)
+        bar = tqdm(total=todo, unit="img", disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                                  enabled=device.type == "cuda" and precision != "fp32")
+        t0 = time.perf_counter()
+        done_now = skipped_now = 0
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean close as Ctrl-C
+        writer = _DeferredWriter(store, device)
+        try:
+            for n, batch in enumerate(source.batches(blocks)):
+                for row, why in batch.failed:
+                    skips.add(row, why)
+                if batch.failed:
+                    _mark_skipped(store, np.array([r for r, _ in batch.failed], dtype=np.int64))
+                if batch.rows.size:
+                    with torch.inference_mode(), autocast:
+                        x = normalize_views(batch.views.to(device, non_blocking=True), spec.mean, spec.std)
+                        feats = clip.encode_image(x).float().view(batch.rows.size, spec.num_views, -1)
+                    cos = ops.cosine_scores(feats, text)
+                    scores = ops.aggregate_scores(cos, scale, cfg.zeta, cfg.lam, outputs, backend=cfg.backend)
+                    values = {"final": scores[cfg.aggregator]}
+                    values.update({a: scores[a] for a in arrays if a != "final"})
+                    writer.submit(batch.rows, values)
+                done_now += int(batch.rows.size)
+                skipped_now += len(batch.failed)
+                bar.update(int(batch.rows.size) + len(batch.failed))
+                if cfg.flush_every and (n + 1) % cfg.flush_every == 0:
+                    writer.drain()
+                    store.flush()
+                    skips.save(store.done)
+            writer.drain()
+        except KeyboardInterrupt:
+            bar.close()
+            writer.drain()  # the last computed block is written, so --resume does not redo it
+            left = int(store.pending_rows().size)
+            skips.save(store.done)
+            log(f"interrupted: the store is consistent, {left} images left; continue with the same command and "
+                "--resume")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            bar.close()
+        seconds = time.perf_counter() - t0
+        complete = store.is_complete
+        labelled = int((store.done == DONE).sum())
+        skipped = skips.save(store.done)
+        if skipped:
+            log(f"skipped {skipped} undecodable images (listed in {skips.path})")
+        _save_config(cfg, Path(cfg.out))
+        return LabelResult(store=Path(cfg.out), rows=len(ds), labelled=labelled, skipped=skipped, labelled_now=done_now,
+                           seconds=seconds, images_per_second=(done_now + skipped_now) / max(seconds, 1e-9),
+                           complete=complete)
 
 
 def _mark_skipped(store: LabelStore, rows: np.ndarray) -> None:

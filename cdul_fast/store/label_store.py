@@ -38,7 +38,6 @@ STATE_WRITING, STATE_CLEAN = 1, 2
 DTYPE_FLOAT32 = 1  # [rows, classes] float32: the label arrays
 DTYPE_FILE_STAT = 2  # [rows, 2] int64: (size, mtime_ns) of each row's image when it was labelled (version 2)
 FILE_STAT = "file_stat"  # the name of the one DTYPE_FILE_STAT array
-MISSING_FILE = -1  # both stat fields of a row whose image did not exist
 MAX_ARRAYS = 32
 NAME_BYTES = 32
 PENDING, DONE, SKIPPED = 0, 1, 2
@@ -108,7 +107,7 @@ class _Header:
 
     def pack(self) -> bytearray:
         page = bytearray(PAGE)
-        version = 2 if any(a.dtype != DTYPE_FLOAT32 for a in self.arrays) else 1
+        version = VERSION if any(a.dtype != DTYPE_FLOAT32 for a in self.arrays) else 1
         _FIXED.pack_into(page, 0, MAGIC, version, 0, self.state, len(self.arrays), self.rows, self.classes, 0,
                          self.meta_offset, self.meta_capacity, self.meta_nbytes, self.done_offset, self.done_nbytes,
                          self.done_crc, 0, self.file_bytes)

@@ -225,10 +225,11 @@ class Trainer:
             self.test_imgs = _images(self.test_ds, cfg, workers, "decode test") if self.test_ds is not None else None
             self._noted: dict[str, set[int]] = {"train": set(), "test": set()}
             self._note_decode_failures()
-            if self.train_imgs.cache and np.isin(self.rows, np.fromiter(self.train_imgs.errors, np.int64)).all():
-                raise StoreError(f"none of the {self.rows.size} labelled images of {self.train_ds.name}/"
+            labelled = self.rows.size
+            self._drop_undecodable()  # cached images are decoded by now; streamed ones fail later, in an epoch
+            if self.rows.size == 0:
+                raise StoreError(f"none of the {labelled} labelled images of {self.train_ds.name}/"
                                  f"{self.train_ds.split} can be decoded now: there is nothing to train on")
-            self._drop_undecodable()
             self._prepare_out(src)
         if ck is not None:
             self._restore_labels(ck)
@@ -251,7 +252,7 @@ class Trainer:
     def _drop_undecodable(self) -> None:
         """Rows whose image fails to decode now get no prediction: they leave the training set and the label update."""
         if self.train_imgs.errors:
-            self.rows = np.setdiff1d(self.rows, np.fromiter(self.train_imgs.errors, np.int64))
+            self.rows = np.setdiff1d(self.rows, self.train_imgs.failed_rows)
 
     def _resuming(self) -> bool:
         """Whether there is a checkpoint to continue from (refuses a non-empty folder without --resume/--overwrite)."""
@@ -396,7 +397,7 @@ class Trainer:
             row["pseudo_map"] = _map(labels[self.rows], self.train_ds.labels[self.rows])
         if self.test_ds is not None and self.test_imgs is not None:
             scores = self.predict(self.test_imgs, len(self.test_ds))
-            ok = np.setdiff1d(np.arange(len(self.test_ds)), np.fromiter(self.test_imgs.errors, np.int64))
+            ok = np.setdiff1d(np.arange(len(self.test_ds)), self.test_imgs.failed_rows)
             row["test_map"] = _map(scores[ok], self.test_ds.labels[ok]) if ok.size else None
         self._note_decode_failures()
         return row

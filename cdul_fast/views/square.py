@@ -93,13 +93,18 @@ class ImageTensors:
                 bar.update(len(errs))
                 yield idx, x
 
+    @property
+    def failed_rows(self) -> np.ndarray:
+        """int64 rows whose image failed to decode so far (the keys of ``errors``)."""
+        return np.fromiter(self.errors, dtype=np.int64, count=len(self.errors))
+
     def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """(rows, uint8 [B, 3, S, S]) in the given row order; images that fail to decode are left out (their rows
         and reasons are in ``errors``), so no caller ever sees a black placeholder."""
         if self._data is not None:
             order = np.asarray(order)
             if self.errors:
-                order = order[~np.isin(order, np.fromiter(self.errors, dtype=np.int64))]
+                order = order[~np.isin(order, self.failed_rows)]
             for i in range(0, len(order), batch_size):
                 rows = np.asarray(order[i:i + batch_size])
                 yield rows, self._data[torch.from_numpy(rows)]
