@@ -68,6 +68,15 @@ def _dataset_flags(f: _Flags, required_root: bool = False) -> None:
                "shapes)")
 
 
+def _prompt_flags(f: _Flags) -> None:
+    f.add("--template", help="prompt template; '{}' is replaced by the class name")
+    f.add("--templates", metavar="FILE",
+          help="prompt ensemble: a file with one template per line; each class embedding is the normalized mean "
+               "over the templates (CLIP's zero-shot recipe); replaces --template")
+    f.add("--synonyms", metavar="FILE",
+          help="class synonyms: lines 'name: synonym | synonym'; a class's embedding averages its name and synonyms")
+
+
 def _dataset_options(args: dict) -> dict:
     opts = parse_kv(args.pop("dataset_opt", None))
     if "classes" in args:
@@ -99,12 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--clip-weights", help="pretrained tag (e.g. openai), local checkpoint (.safetensors/.pt), or 'random' "
                                  "(seeded random init, for tests); omitted = the model's default")
     f.add("--clip-precision", choices=PRECISIONS, help="encoder precision")
-    f.add("--template", help="prompt template; '{}' is replaced by the class name")
+    _prompt_flags(f)
     f.add("--grid", type=int, help="G: the image is cut into G x G snippets")
     f.add("--zeta", type=float, help="min-max threshold: a class keeps its max snippet score if it reaches zeta")
     f.add("--lam", type=float, help="lambda: 0 = average of global and aggregate scores, 1 = their max")
     f.add("--aggregator", choices=AGGREGATORS, help="aggregator stored as 'final' (Table 3)")
     f.add("--save", type=_csv, help=f"extra arrays to store, comma-separated: {','.join(OUTPUTS)}")
+    f.add("--save-embeddings", action="store_true",
+          help="also store the normalized image embedding of every view [rows, 1+G^2, K], so `cdul-fast rescore` "
+               "and `eval --sweep` can re-score with other classes, prompts, zeta, lambda or aggregators without "
+               "decoding or encoding an image again")
+    f.add("--embedding-dtype", choices=("fp16", "fp32"),
+          help="dtype of the stored embeddings: fp16 = half the size, fp32 = rescore reproduces label exactly")
     f.add("--batch-size", type=int, help="images per encoder batch; a resumed run must use the same value")
     f.add("--decoder", choices=DECODER_CHOICES, help=decoder_help())
     f.add("--workers", type=int, help="decode workers")
@@ -118,6 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--config", help="YAML file of option values (overridden by flags given here)")
     lab.set_defaults(func=cmd_label)
 
+    rs = sub.add_parser("rescore", help="new pseudo labels from a store's saved embeddings (no image decoded)",
+                        description="Re-score the view embeddings a store saved with `label --save-embeddings` for "
+                                    "another class list, template(s), synonyms, zeta, lambda or aggregator: only the "
+                                    "text encoder runs (the image encoder is never loaded) and the fused aggregation "
+                                    "kernel streams over row blocks of the mapped embeddings. Writes a normal label "
+                                    "store for eval, train and tags. Unset options keep the source's values.")
+    f = _Flags(rs, "rescore")
+    f.add("--labels", "--from", key="source", help="label store with embeddings (label --save-embeddings)",
+          required=True)
+    f.add("--out", "-o", help="new label store to write", required=True)
+    f.add("--classes", help="new class list: comma-separated (cat,dog) or @FILE with one name per line")
+    _prompt_flags(f)
+    f.add("--zeta", type=float, help="min-max threshold")
+    f.add("--lam", type=float, help="lambda: 0 = average of global and aggregate scores, 1 = their max")
+    f.add("--aggregator", choices=AGGREGATORS, help="aggregator stored as 'final'")
+    f.add("--save", type=_csv, help=f"extra arrays to store, comma-separated: {','.join(OUTPUTS)}")
+    f.add("--debias", choices=("none", "ccd"),
+          help="ccd: divide each class's scores by CLIP's bias for it (mean confident top-1 probability, CCD, "
+               "CVPR 2025) and clip to [0, 1]; changes thresholded tags and training targets, not per-class AP")
+    f.add("--debias-entropy", type=float, help="ccd: only images whose whole-image softmax entropy (nats) is at most "
+                                               "this count towards the bias")
+    f.add("--clip", help="the CLIP the store was labelled with, when its recorded location moved")
+    f.add("--clip-weights", help="its weights (tag or file); its identity must match the store's")
+    f.add("--block-rows", type=int, help="rows per block read from the mapped embeddings")
+    f.add("--device", help="auto, cpu, cuda or cuda:N")
+    f.add("--backend", choices=BACKENDS, help="aggregation kernel")
+    f.add("--resume", action="store_true", help="continue an interrupted rescore (same settings required)")
+    f.add("--overwrite", action="store_true", help="replace an existing output store")
+    f.add("--no-progress", action="store_true", help="no progress bar", key="no_progress")
+    f.add("--config", help="YAML file of option values (overridden by flags given here)")
+    rs.set_defaults(func=cmd_rescore)
+
     ev = sub.add_parser("eval", help="mAP and per-class AP of a label store (or predictions) against ground truth",
                         description="Evaluate a label store's arrays against the dataset's ground truth: per-class "
                                     "AP and mAP (macro over classes with at least one positive), via torchmetrics.")
@@ -128,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--json", action="store_true", help="print a JSON report instead of a table")
     f.add("--summary", action="store_true", help="only the mAP line, no per-class rows")
     f.add("--allow-incomplete", action="store_true", help="evaluate the rows labelled so far of an unfinished store")
+    f.add("--sweep", metavar="SPEC",
+          help="from the store's saved embeddings, the mAP of cdul labels over a zeta x lambda grid (supplement "
+               "6.1) plus the global/avg/max aggregators, e.g. zeta=0:0.4:0.05,lam=0,1 (start:stop:step or values); "
+               "prints a table and writes CSV + PNG heat map")
+    f.add("--sweep-out", metavar="PREFIX", help="--sweep: files PREFIX.csv and PREFIX.png (default: <store>.sweep)")
+    f.add("--device", help="--sweep: auto, cpu, cuda or cuda:N")
     ev.set_defaults(func=cmd_eval)
 
     tr = sub.add_parser("train", help="train a classifier on a label store (KL loss + latent label updates)",
@@ -257,6 +310,10 @@ def cmd_eval(args: dict) -> int:
         if name is None:
             raise CdulError("--dataset is needed: the store does not record its dataset")
     ds = load_dataset(name, args.get("root"), args.get("split"), **opts)
+    if args.get("sweep"):
+        return _eval_sweep(args, ds)
+    if args.get("sweep_out") or args.get("device"):
+        raise CdulError("--sweep-out and --device belong to --sweep")
     reports, notes = evaluate_store(args["labels"], ds, args.get("array"), args.get("allow_incomplete", False))
     if args.get("json"):
         print(reports_json(reports, notes))
@@ -264,6 +321,41 @@ def cmd_eval(args: dict) -> int:
         for n in notes:
             print(f"note: {n}")
         print(format_table(reports, per_class=not args.get("summary", False)))
+    return 0
+
+
+def _eval_sweep(args: dict, ds) -> int:
+    from ._backend import resolve_device
+    from .label.sweep import format_sweep, run_sweep, write_sweep
+
+    if args.get("array") or args.get("allow_incomplete") or args.get("summary"):
+        raise CdulError("--sweep scores the store's embeddings: --array, --summary and --allow-incomplete do not apply")
+    res = run_sweep(args["labels"], ds, args["sweep"], resolve_device(args.get("device") or "auto"))
+    csv_path, png_path = write_sweep(res, args.get("sweep_out") or f"{args['labels']}.sweep")
+    if args.get("json"):
+        import json
+
+        print(json.dumps({"sweep": [{"aggregator": a, "zeta": z, "lam": lam, "mAP": round(100 * m, 4)}
+                                    for a, z, lam, m in res.rows()], "notes": res.notes,
+                          "csv": str(csv_path), "png": str(png_path)}, indent=2))
+        return 0
+    for n in res.notes:
+        print(f"note: {n}")
+    print(format_sweep(res))
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+def cmd_rescore(args: dict) -> int:
+    from .label.rescore import RescoreConfig, run_rescore
+
+    progress = not args.pop("no_progress", False)
+    cfg_dict = resolve("rescore", args, args.pop("config", None))
+    if cfg_dict.get("save") is not None:
+        cfg_dict["save"] = tuple(cfg_dict["save"])
+    res = run_rescore(RescoreConfig(**cfg_dict, progress=progress and sys.stderr.isatty()))
+    print(f"{res.store}: {res.rows} rows: {res.labelled} labelled ({res.rescored_now} by this run), {res.skipped} "
+          f"skipped, {res.rows_per_second:.0f} rows/s")
     return 0
 
 

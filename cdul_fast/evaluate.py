@@ -76,30 +76,37 @@ def evaluate_scores(scores: np.ndarray, ds: MultiLabelSet, rows: np.ndarray | No
     )
 
 
+def labelled_rows(store: LabelStore, ds: MultiLabelSet, allow_incomplete: bool = False) -> tuple[np.ndarray, list[str]]:
+    """The rows of ``store`` that hold labels, after checking that it belongs to ``ds`` (rows, ids digest, file
+    stats), plus notes for the user; an incomplete store is refused unless ``allow_incomplete``."""
+    path, notes = store.path, []
+    if store.rows != len(ds):
+        raise StoreError(f"{path} has {store.rows} rows but {ds.name}/{ds.split} has {len(ds)} images: "
+                         "was it labelled from another dataset or split?")
+    store.check_images(ds.ids_digest(), f"{ds.name}/{ds.split}")
+    store.check_files(file_stats(ds.paths), ds.ids, f"{ds.name}/{ds.split}")
+    if store.file_stats is None:
+        notes.append("a version 1 store records no file stats: images edited since labelling are not detected")
+    meta_ds = (store.meta.get("dataset"), store.meta.get("split"))
+    if meta_ds != (None, None) and meta_ds != (ds.name, ds.split):
+        notes.append(f"store was labelled from {meta_ds[0]}/{meta_ds[1]}, evaluating against {ds.name}/{ds.split}")
+    done = np.asarray(store.done)
+    pending = int((done == PENDING).sum())
+    if pending and not allow_incomplete:
+        raise StoreError(f"{path} is incomplete ({pending} of {store.rows} rows not labelled yet): finish it with "
+                         "`cdul-fast label ... --resume`")
+    rows = np.flatnonzero(done == DONE)
+    if rows.size < store.rows:
+        notes.append(f"{store.rows - rows.size} rows without labels (skipped or pending) left out")
+    return rows, notes
+
+
 def evaluate_store(path: str | Path, ds: MultiLabelSet, arrays: list[str] | None = None,
                    allow_incomplete: bool = False) -> tuple[dict[str, APReport], list[str]]:
     """AP reports for the store's arrays (default: all) plus notes; the store must belong to ``ds``."""
 
-    notes: list[str] = []
     with LabelStore.open(path, mode="r", expect_classes=ds.class_names) as store:
-        if store.rows != len(ds):
-            raise StoreError(f"{path} has {store.rows} rows but {ds.name}/{ds.split} has {len(ds)} images: "
-                             "was it labelled from another dataset or split?")
-        store.check_images(ds.ids_digest(), f"{ds.name}/{ds.split}")
-        store.check_files(file_stats(ds.paths), ds.ids, f"{ds.name}/{ds.split}")
-        if store.file_stats is None:
-            notes.append("a version 1 store records no file stats: images edited since labelling are not detected")
-        meta_ds = (store.meta.get("dataset"), store.meta.get("split"))
-        if meta_ds != (None, None) and meta_ds != (ds.name, ds.split):
-            notes.append(f"store was labelled from {meta_ds[0]}/{meta_ds[1]}, evaluating against {ds.name}/{ds.split}")
-        done = np.asarray(store.done)
-        pending = int((done == PENDING).sum())
-        if pending and not allow_incomplete:
-            raise StoreError(f"{path} is incomplete ({pending} of {store.rows} rows not labelled yet): finish it with "
-                             "`cdul-fast label ... --resume`")
-        rows = np.flatnonzero(done == DONE)
-        if rows.size < store.rows:
-            notes.append(f"{store.rows - rows.size} rows without labels (skipped or pending) left out")
+        rows, notes = labelled_rows(store, ds, allow_incomplete)
         names = list(store.array_names) if arrays is None else arrays
         unknown = [a for a in names if a not in store.array_names]
         if unknown:

@@ -26,6 +26,7 @@ from ..errors import ConfigError, WeightsError
 ASSETS = Path(__file__).resolve().parents[1] / "shapes" / "assets"
 ALIASES = {"shapes-clip": ASSETS / "shapes-clip"}
 DEFAULT_TEMPLATE = "a photo of the {}"
+_TEXT_CHUNK = 1024  # prompts per text-encoder call (every class list of VOC, COCO and NUS-WIDE fits one)
 
 
 @dataclass
@@ -53,14 +54,26 @@ class ClipModel:
             raise ConfigError(f"prompt template {template!r} must contain '{{}}' where the class name goes")
         key = (tuple(class_names), template)
         if key not in self._text_cache:
-            tokens = self.tokenizer([template.format(c) for c in class_names])
-            _refuse_equal_prompts(tokens, class_names)
-            feats = self.model.encode_text(tokens.to(self.device)).float()
-            self._text_cache[key] = torch.nn.functional.normalize(feats, dim=-1)
+            texts = [template.format(c) for c in class_names]
+            _refuse_equal_prompts(self.tokenizer(texts), class_names)
+            self._text_cache[key] = torch.nn.functional.normalize(self._encode_prompts(texts), dim=-1)
         return self._text_cache[key]
+
+    @torch.inference_mode()
+    def _encode_prompts(self, texts: list[str]) -> torch.Tensor:
+        """Raw text embeddings of prompts, in chunks so a large ensemble never becomes one huge batch."""
+        tokens = self.tokenizer(texts)
+        return torch.cat([self.model.encode_text(tokens[i:i + _TEXT_CHUNK].to(self.device)).float()
+                          for i in range(0, len(texts), _TEXT_CHUNK)])
+
+    @property
+    def has_image_tower(self) -> bool:
+        return getattr(self.model, "visual", None) is not None
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """Image embeddings [N, K] (not normalized) of preprocessed images [N, 3, S, S]."""
+        if not self.has_image_tower:
+            raise ConfigError(f"CLIP {self.name} was loaded without its image encoder (text only)")
         return self.model.encode_image(x)
 
 
@@ -209,8 +222,12 @@ def load_clip(
     precision: str = "fp32",
     seed: int = 0,
     cache_dir: str | None = None,
+    text_only: bool = False,
 ) -> ClipModel:
-    """Load a frozen CLIP in eval mode; see the module docstring for the accepted ``clip``/``weights`` values."""
+    """Load a frozen CLIP in eval mode; see the module docstring for the accepted ``clip``/``weights`` values.
+
+    ``text_only`` drops the image tower right after loading: re-scoring stored embeddings needs only the text side,
+    and the image tower (most of RN50x64's weights) is freed before any work starts and can never run."""
     import open_clip
 
     device = torch.device(device)
@@ -295,6 +312,8 @@ def load_clip(
     size = model.visual.image_size
     pre_cfg = {"size": size[0] if isinstance(size, (tuple, list)) else size, **pre_cfg}
     model.eval().requires_grad_(False)
+    if text_only:
+        model.visual = None
     if weights == "random":
         ident = f"{name}|random|{seed}"
     elif Path(weights).is_file():

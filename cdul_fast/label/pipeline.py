@@ -22,17 +22,18 @@ import torch
 
 from .._backend import resolve_device
 from ..clip.loader import DEFAULT_TEMPLATE, ClipModel, load_clip
+from ..clip.prompts import Prompts, encode_classes, make_prompts
 from ..config import AGGREGATORS, BACKENDS, OUTPUTS, PRECISIONS, SEED_MAX, check_choice, check_number
 from ..datasets import MultiLabelSet, load_dataset
 from ..errors import ConfigError, StoreError
 from ..fsutil import file_stats, save_yaml_atomic, write_text_atomic
-from ..ops import dispatch as ops
 from ..store.label_store import DONE, PENDING, SKIPPED, LabelStore
 from ..views.decode import failure_reason, load_rgb
 from ..views.geometry import ViewSpec, normalize_views
 from ..views.registry import ALIASES as DECODER_ALIASES
 from ..views.registry import make_view_source
 from ..views.source import plan_blocks
+from .scoring import EMBEDDING_DTYPES, EMBEDDINGS, label_arrays, normalize_embeddings, score_block
 
 MAX_GRID = 16
 """More snippets than 16 x 16 = 256 per image is past any use in the paper (G = 3) and runs machines out of memory."""
@@ -51,11 +52,15 @@ class LabelConfig:
     clip_weights: str | None = None
     clip_precision: str = "auto"
     template: str = DEFAULT_TEMPLATE
+    templates: str | None = None
+    synonyms: str | None = None
     grid: int = 3
     zeta: float = 0.3
     lam: float = 1.0
     aggregator: str = "cdul"
     save: tuple[str, ...] = ()
+    save_embeddings: bool = False
+    embedding_dtype: str = "fp16"
     batch_size: int = 32
     decoder: str = "auto"
     workers: int | None = None
@@ -84,6 +89,7 @@ class LabelConfig:
             raise ConfigError("--resume and --overwrite exclude each other")
         check_choice("--backend", self.backend, BACKENDS)
         check_choice("--clip-precision", self.clip_precision, PRECISIONS)
+        check_choice("--embedding-dtype", self.embedding_dtype, tuple(EMBEDDING_DTYPES))
         check_number("--grid", self.grid, lo=1, hi=MAX_GRID, integer=True)
         check_number("--batch-size", self.batch_size, lo=1, hi=1 << 20, integer=True)
         check_number("--workers", self.workers, lo=0, integer=True, optional=True)
@@ -91,9 +97,10 @@ class LabelConfig:
         check_number("--seed", self.seed, lo=0, hi=SEED_MAX, integer=True)
 
 
-def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: str, precision: str) -> dict:
+def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: str, precision: str,
+               prompts: Prompts, embeddings: tuple[int, int] | None = None) -> dict:
     """What a resumed run must agree on: any difference would mix rows computed two different ways."""
-    return {
+    meta = {
         "kind": "cdul-pseudo-labels",
         "dataset": ds.name,
         "split": ds.split,
@@ -104,7 +111,7 @@ def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: st
         "clip_identity": clip.identity,
         "clip_precision": precision,
         "logit_scale": clip.logit_scale,
-        "template": cfg.template,
+        **prompts.meta(),
         "grid": cfg.grid,
         "zeta": cfg.zeta,
         "lam": cfg.lam,
@@ -112,6 +119,11 @@ def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: st
         "batch_size": cfg.batch_size,
         "decoder": decoder,
     }
+    if embeddings is not None:
+        views, dim = embeddings
+        meta["embeddings"] = {"tensor": EMBEDDINGS, "dtype": EMBEDDING_DTYPES[cfg.embedding_dtype], "views": views,
+                              "dim": dim, "normalized": True}
+    return meta
 
 
 # Where the weights file lies is recorded but not compared: a reinstalled package or a moved copy holds the same
@@ -125,7 +137,7 @@ def _meta_mismatch(old: dict, new: dict) -> list[str]:
 
 
 def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: dict,
-                stats: np.ndarray) -> LabelStore:
+                stats: np.ndarray, tensors: dict) -> LabelStore:
     path = Path(cfg.out)
     if cfg.resume:
         if not path.exists():
@@ -136,6 +148,8 @@ def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: di
         diff = _meta_mismatch(old, meta)
         if list(store.array_names) != arrays:
             diff.append(f"arrays: store has {list(store.array_names)}, this run {arrays}")
+        if list(store.tensor_names) != list(tensors):
+            diff.append(f"tensors: store has {list(store.tensor_names) or 'none'}, this run {list(tensors) or 'none'}")
         if diff:
             store.close()
             raise StoreError(f"cannot resume {path}: it was started with other settings ({'; '.join(diff)})")
@@ -144,7 +158,7 @@ def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: di
         raise StoreError(f"{path} already exists: pass --resume to continue it or --overwrite to start over")
     path.parent.mkdir(parents=True, exist_ok=True)
     return LabelStore.create(path, class_names=ds.class_names, rows=len(ds), arrays=arrays, meta=meta,
-                             overwrite=cfg.overwrite, file_stats=stats)
+                             overwrite=cfg.overwrite, file_stats=stats, tensors=tensors)
 
 
 def _relabel_changed(store: LabelStore, stats: np.ndarray, skips: _SkipLog, log: Callable[[str], None]) -> None:
@@ -159,8 +173,7 @@ def _relabel_changed(store: LabelStore, stats: np.ndarray, skips: _SkipLog, log:
     if changed.size == 0:
         return
     store.done[changed] = PENDING  # first: a crash from here on leaves them pending, never done with old data
-    for name in store.array_names:
-        store.array(name)[changed] = 0.0
+    store.clear_rows(changed)
     store.set_file_stats(changed, stats[changed])
     skips.forget(changed)
     log(f"note: {changed.size} images changed since they were labelled (size or modification time): relabelling "
@@ -330,19 +343,22 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
         torch.backends.cudnn.deterministic = True
     spec = ViewSpec.from_preprocess_cfg(clip.preprocess_cfg, cfg.grid)
     source = make_view_source(cfg.decoder, ds.paths, spec, device, cfg.batch_size, cfg.workers)
-    arrays = ["final", *[a for a in cfg.save if a != "final"]]
-    meta = store_meta(cfg, ds, clip, source.name, precision)
-    text = clip.encode_text(ds.class_names, cfg.template)  # before the store is opened: it can refuse the classes
+    arrays = label_arrays(cfg.aggregator, cfg.save)
+    prompts = make_prompts(ds.class_names, cfg.template, cfg.templates, cfg.synonyms)
+    text = encode_classes(clip, ds.class_names, prompts)  # before the store is opened: it can refuse the classes
+    shape = (spec.num_views, int(text.shape[1]))
+    tensors = {EMBEDDINGS: (EMBEDDING_DTYPES[cfg.embedding_dtype], shape)} if cfg.save_embeddings else {}
+    meta = store_meta(cfg, ds, clip, source.name, precision, prompts, shape if cfg.save_embeddings else None)
     stats = file_stats(ds.paths)
     skips = _SkipLog(Path(cfg.out), ds, keep_old=cfg.resume)  # read before the store is opened, and never fatal
     # closed (sealed) on success, Ctrl-C and any error alike, so a store that was clean stays verifiable
-    with _open_store(cfg, ds, arrays, meta, stats) as store:
+    with _open_store(cfg, ds, arrays, meta, stats, tensors) as store:
         if cfg.resume:
             _relabel_changed(store, stats, skips, log)
         else:
             skips.remove()  # a new store: reasons of the one it replaces mean nothing
-        outputs = sorted({cfg.aggregator, *[a for a in arrays if a != "final"]})
         scale = clip.logit_scale
+        emb_dtype = torch.float16 if cfg.embedding_dtype == "fp16" else torch.float32
         blocks = plan_blocks(store.pending_rows(), len(ds), cfg.batch_size)
         todo = int(sum(b.size for b in blocks))
         log(f"labelling {todo} of {len(ds)} images of {ds.name}/{ds.split} ({len(ds.class_names)} classes) with "
@@ -369,10 +385,10 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
                     with torch.inference_mode(), autocast:
                         x = normalize_views(batch.views.to(device, non_blocking=True), spec.mean, spec.std)
                         feats = clip.encode_image(x).float().view(batch.rows.size, spec.num_views, -1)
-                    cos = ops.cosine_scores(feats, text)
-                    scores = ops.aggregate_scores(cos, scale, cfg.zeta, cfg.lam, outputs, backend=cfg.backend)
-                    values = {"final": scores[cfg.aggregator]}
-                    values.update({a: scores[a] for a in arrays if a != "final"})
+                    emb = normalize_embeddings(feats)
+                    values = score_block(emb, text, scale, cfg.zeta, cfg.lam, cfg.aggregator, arrays, cfg.backend)
+                    if cfg.save_embeddings:
+                        values[EMBEDDINGS] = emb.to(emb_dtype)
                     writer.submit(batch.rows, values)
                 done_now += int(batch.rows.size)
                 skipped_now += len(batch.failed)
@@ -407,8 +423,7 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
 
 def _mark_skipped(store: LabelStore, rows: np.ndarray) -> None:
     """Skipped rows hold zeros (a block redone on resume may have held labels for them before)."""
-    for name in store.array_names:
-        store.array(name)[rows] = 0.0
+    store.clear_rows(rows)
     store.done[rows] = SKIPPED
 
 

@@ -31,13 +31,17 @@ from ..errors import StoreError
 from ..fsutil import fsync_dir
 
 MAGIC = b"CDULSTOR"
-VERSION = 2  # the newest format written; a file says 1 when it uses none of version 2's additions
-READABLE_VERSIONS = (1, 2)
+VERSION = 3  # the newest format written; a file says the lowest version whose additions it uses (1, 2 or 3)
+READABLE_VERSIONS = (1, 2, 3)
 PAGE = 4096
 STATE_WRITING, STATE_CLEAN = 1, 2
 DTYPE_FLOAT32 = 1  # [rows, classes] float32: the label arrays
 DTYPE_FILE_STAT = 2  # [rows, 2] int64: (size, mtime_ns) of each row's image when it was labelled (version 2)
 FILE_STAT = "file_stat"  # the name of the one DTYPE_FILE_STAT array
+DTYPE_TENSOR_F16, DTYPE_TENSOR_F32 = 3, 4  # [rows, *shape] float16 / float32 tensors, shape in the shape table (v3)
+TENSOR_DTYPES = {"float16": DTYPE_TENSOR_F16, "float32": DTYPE_TENSOR_F32}
+_NUMPY_DTYPE = {DTYPE_TENSOR_F16: np.dtype("<f2"), DTYPE_TENSOR_F32: np.dtype("<f4")}
+MAX_TENSOR_DIMS = 3
 MAX_ARRAYS = 32
 NAME_BYTES = 32
 PENDING, DONE, SKIPPED = 0, 1, 2
@@ -46,9 +50,11 @@ PENDING, DONE, SKIPPED = 0, 1, 2
 # done_offset, done_nbytes, done_crc, reserved, file_bytes
 _FIXED = struct.Struct("<8sIIIIQIIQQQQQIIQ")
 _ENTRY = struct.Struct("<32sIIQQ")  # name, dtype, crc, offset, nbytes
+_SHAPE = struct.Struct("<4I")  # ndim, dims (zero padded): a tensor's shape after the rows axis (version 3)
 _TABLE_OFFSET = 128
+_SHAPE_OFFSET = _TABLE_OFFSET + MAX_ARRAYS * _ENTRY.size  # 1920
 _CRC_FIELD = slice(12, 16)
-assert _FIXED.size <= _TABLE_OFFSET and _TABLE_OFFSET + MAX_ARRAYS * _ENTRY.size <= PAGE
+assert _FIXED.size <= _TABLE_OFFSET and _SHAPE_OFFSET + MAX_ARRAYS * _SHAPE.size <= PAGE
 
 
 def _round_up(n: int, to: int = PAGE) -> int:
@@ -87,6 +93,18 @@ class _Array:
     nbytes: int
     crc: int = 0
     dtype: int = DTYPE_FLOAT32
+    shape: tuple[int, ...] = ()  # tensors only: the dims after rows
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.dtype in _NUMPY_DTYPE
+
+
+def _version(arrays: Sequence[_Array]) -> int:
+    """The lowest version whose additions the arrays use, so files without them stay byte-identical to before."""
+    if any(a.is_tensor for a in arrays):
+        return 3
+    return 2 if any(a.dtype == DTYPE_FILE_STAT for a in arrays) else 1
 
 
 @dataclass
@@ -107,13 +125,16 @@ class _Header:
 
     def pack(self) -> bytearray:
         page = bytearray(PAGE)
-        version = VERSION if any(a.dtype != DTYPE_FLOAT32 for a in self.arrays) else 1
+        version = _version(self.arrays)
         _FIXED.pack_into(page, 0, MAGIC, version, 0, self.state, len(self.arrays), self.rows, self.classes, 0,
                          self.meta_offset, self.meta_capacity, self.meta_nbytes, self.done_offset, self.done_nbytes,
                          self.done_crc, 0, self.file_bytes)
         for i, a in enumerate(self.arrays):
             _ENTRY.pack_into(page, _TABLE_OFFSET + i * _ENTRY.size, a.name.encode("utf-8"), a.dtype, a.crc, a.offset,
                              a.nbytes)
+            if a.is_tensor:
+                dims = (*a.shape, 0, 0, 0)[:MAX_TENSOR_DIMS]
+                _SHAPE.pack_into(page, _SHAPE_OFFSET + i * _SHAPE.size, len(a.shape), *dims)
         return page
 
     @classmethod
@@ -130,12 +151,25 @@ class _Header:
         arrays = []
         for i in range(n_arrays):
             name, dtype, acrc, off, nbytes = _ENTRY.unpack_from(page, _TABLE_OFFSET + i * _ENTRY.size)
-            arrays.append(_Array(name.rstrip(b"\0").decode("utf-8", "replace"), off, nbytes, acrc, dtype))
+            shape: tuple[int, ...] = ()
+            if version >= 3 and dtype in _NUMPY_DTYPE:
+                ndim, *dims = _SHAPE.unpack_from(page, _SHAPE_OFFSET + i * _SHAPE.size)
+                if not 1 <= ndim <= MAX_TENSOR_DIMS or any(d < 1 for d in dims[:ndim]):
+                    raise StoreError(f"{path} header is corrupted (tensor shape of array {i})")
+                shape = tuple(dims[:ndim])
+            elif dtype in _NUMPY_DTYPE:
+                raise StoreError(f"{path} header is corrupted (a version {version} file with a tensor array)")
+            arrays.append(_Array(name.rstrip(b"\0").decode("utf-8", "replace"), off, nbytes, acrc, dtype, shape))
         return cls(state, rows, classes, meta_offset, meta_capacity, meta_nbytes, done_offset, done_nbytes, done_crc,
                    file_bytes, arrays), crc
 
 
-def _layout(rows: int, classes: int, names: Sequence[str], meta_len: int, file_stats: bool = False) -> _Header:
+def _tensor_nbytes(rows: int, dtype: int, shape: tuple[int, ...]) -> int:
+    return rows * int(np.prod(shape, dtype=np.int64)) * _NUMPY_DTYPE[dtype].itemsize
+
+
+def _layout(rows: int, classes: int, names: Sequence[str], meta_len: int, file_stats: bool = False,
+            tensors: Mapping[str, tuple[int, tuple[int, ...]]] | None = None) -> _Header:
     meta_capacity = _round_up(max(64 * 1024, 4 * meta_len))
     done_offset = PAGE + meta_capacity
     done_nbytes = rows
@@ -148,6 +182,10 @@ def _layout(rows: int, classes: int, names: Sequence[str], meta_len: int, file_s
     if file_stats:
         arrays.append(_Array(FILE_STAT, pos, rows * 16, dtype=DTYPE_FILE_STAT))
         pos += _round_up(max(rows * 16, 1))
+    for name, (dtype, shape) in (tensors or {}).items():
+        nbytes = _tensor_nbytes(rows, dtype, shape)
+        arrays.append(_Array(name, pos, nbytes, dtype=dtype, shape=shape))
+        pos += _round_up(max(nbytes, 1))
     return _Header(STATE_WRITING, rows, classes, PAGE, meta_capacity, meta_len, done_offset, done_nbytes, 0, pos,
                    arrays)
 
@@ -157,15 +195,17 @@ def _crc32(buf, offset: int, length: int) -> int:
     return zlib.crc32(memoryview(buf)[offset:offset + length])
 
 
-def _check_names(names: Sequence[str]) -> None:
+def _check_names(names: Sequence[str], tensors: Sequence[str] = ()) -> None:
     if not names:
         raise StoreError("a label store needs at least one array")
-    if len(names) > MAX_ARRAYS - 1:
-        raise StoreError(f"a label store holds at most {MAX_ARRAYS - 1} label arrays, got {len(names)}")
+    if len(names) + len(tensors) > MAX_ARRAYS - 1:
+        raise StoreError(f"a label store holds at most {MAX_ARRAYS - 1} label arrays and tensors, got "
+                         f"{len(names) + len(tensors)}")
+    names = [*names, *tensors]
     if FILE_STAT in names:
         raise StoreError(f"the array name {FILE_STAT!r} is reserved for the images' file stats")
     if len(set(names)) != len(names):
-        raise StoreError(f"array names must be unique: {list(names)}")
+        raise StoreError(f"array and tensor names must be unique: {list(names)}")
     for n in names:
         if not n or len(n.encode("utf-8")) >= NAME_BYTES:
             raise StoreError(f"array name {n!r} must be 1..{NAME_BYTES - 1} bytes")
@@ -277,20 +317,26 @@ class LabelStore:
                         for a in header.arrays if a.dtype == DTYPE_FLOAT32}
         self._stats = next((np.frombuffer(buf, dtype="<i8", count=header.rows * 2, offset=a.offset)
                             .reshape(header.rows, 2) for a in header.arrays if a.dtype == DTYPE_FILE_STAT), None)
+        self._tensors = {a.name: np.frombuffer(buf, dtype=_NUMPY_DTYPE[a.dtype], count=a.nbytes // _NUMPY_DTYPE[
+            a.dtype].itemsize, offset=a.offset).reshape(header.rows, *a.shape) for a in header.arrays if a.is_tensor}
         self._closed = False
 
     # -- constructors
     @classmethod
     def create(cls, path: str | Path, class_names: Sequence[str], rows: int, arrays: Sequence[str],
                meta: Mapping | None = None, overwrite: bool = False, backend: str = "auto",
-               file_stats: np.ndarray | None = None) -> LabelStore:
+               file_stats: np.ndarray | None = None,
+               tensors: Mapping[str, tuple[str, Sequence[int]]] | None = None) -> LabelStore:
         """A new zero-filled store (state WRITING on disk), opened for writing; see "Crash safety" in the format doc.
 
         ``file_stats`` (int64 [rows, 2], ``fsutil.file_stats``) records which file each row was labelled from, so a
-        store is refused for edited or other images with the same names (``changed_rows``)."""
+        store is refused for edited or other images with the same names (``changed_rows``). ``tensors`` maps names
+        to (``"float16"`` or ``"float32"``, shape after rows), e.g. the view embeddings ``{"embeddings": ("float16",
+        (10, 1024))}``: per-row data that is not a [rows, classes] label matrix (version 3)."""
         path = Path(path)
         names = list(arrays)
-        _check_names(names)
+        specs = _tensor_specs(tensors or {})
+        _check_names(names, list(specs))
         class_names = tuple(str(c) for c in class_names)
         if not class_names or len(set(class_names)) != len(class_names):
             raise StoreError("a label store needs a non-empty list of unique class names (at least one class)")
@@ -302,7 +348,7 @@ class LabelStore:
             if file_stats.shape != (int(rows), 2) or file_stats.dtype.kind not in "iu":
                 raise StoreError(f"file_stats must be integer [{rows}, 2], got {file_stats.dtype} {file_stats.shape}")
         blob = _meta_bytes(class_names, meta or {})
-        h = _layout(int(rows), len(class_names), names, len(blob), file_stats is not None)
+        h = _layout(int(rows), len(class_names), names, len(blob), file_stats is not None, specs)
         _create_file(path, h, blob, overwrite)
         store = cls.open(path, mode="r+", backend=backend, verify=False)
         if file_stats is not None:
@@ -389,6 +435,19 @@ class LabelStore:
         return tuple(a.name for a in self._h.arrays if a.dtype == DTYPE_FLOAT32)
 
     @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The tensors (float16/float32 [rows, *shape]), e.g. ``embeddings``; none in version 1 and 2 stores."""
+        return tuple(self._tensors)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """[rows, *shape] zero-copy view of a tensor (writable when opened r+)."""
+        try:
+            return self._tensors[name]
+        except KeyError:
+            has = ", ".join(self._tensors) or "none"
+            raise StoreError(f"{self.path} has no tensor {name!r} (it has {has})") from None
+
+    @property
     def file_stats(self) -> np.ndarray | None:
         """int64 [rows, 2] (size, mtime_ns) of each row's image when it was labelled; None in version 1 stores."""
         return self._stats
@@ -458,22 +517,36 @@ class LabelStore:
             raise StoreError(f"write: rows [{start}, {start + n}) outside [0, {self.rows}) of {self.path}")
         start = int(start)
         for name, arr in checked.items():
-            self._arrays[name][start:start + n] = arr
+            self._target(name)[start:start + n] = arr
         self.done[start:start + n] = DONE
 
+    def clear_rows(self, rows: np.ndarray) -> None:
+        """Zero ``rows`` of every label array and tensor (a row that is labelled again, or skipped)."""
+        self._need_write()
+        rows = np.asarray(rows, dtype=np.int64)
+        for target in (*self._arrays.values(), *self._tensors.values()):
+            target[rows] = 0
+
+    def _target(self, name: str) -> np.ndarray:
+        if name in self._tensors:
+            return self._tensors[name]
+        return self.array(name)  # StoreError for unknown names
+
     def _check_values(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """All names known, all [n, classes] with one n, real numbers: validated before any byte is written."""
+        """All names known, each [n, classes] (label arrays) or [n, *shape] (tensors) with one n, real numbers:
+        validated before any byte is written."""
         if not values:
             raise StoreError("write needs at least one array")
         out: dict[str, np.ndarray] = {}
         for name, v in values.items():
-            self.array(name)  # StoreError for unknown names
+            target = self._target(name)
             arr = np.asarray(v)
             if arr.dtype.kind not in "biuf":
                 raise StoreError(f"write: array {name!r} must hold real numbers, got dtype {arr.dtype}")
-            if arr.ndim != 2 or arr.shape[1] != self.classes:
-                raise StoreError(f"write: array {name!r} must be [n, {self.classes}], got {arr.shape}")
-            out[name] = arr.astype(np.float32, copy=False)
+            want = (self.classes,) if name in self._arrays else target.shape[1:]
+            if arr.ndim != 1 + len(want) or arr.shape[1:] != want:
+                raise StoreError(f"write: array {name!r} must be [n, {', '.join(map(str, want))}], got {arr.shape}")
+            out[name] = arr.astype(target.dtype, copy=False)
         if len({a.shape[0] for a in out.values()}) != 1:
             raise StoreError(f"write: all arrays must have the same number of rows, got "
                              f"{ {k: a.shape[0] for k, a in out.items()} }")
@@ -541,8 +614,9 @@ class LabelStore:
 
     def __repr__(self) -> str:
         state = "clean" if self.clean else "writing"
+        tensors = f", tensors={list(self.tensor_names)}" if self._tensors else ""
         return (f"LabelStore({str(self.path)!r}, rows={self.rows}, classes={self.classes}, "
-                f"arrays={list(self.array_names)}, {state}, backend={self.backend})")
+                f"arrays={list(self.array_names)}{tensors}, {state}, backend={self.backend})")
 
 
 def _sealed(h: _Header, meta_region: bytes) -> bytes:
@@ -654,16 +728,40 @@ def _reserve_existing(path: Path) -> None:
         os.close(fd)
 
 
+def _tensor_specs(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """{name: (dtype code, shape)} from {name: ("float16" | "float32", shape)}, with one-line errors."""
+    out = {}
+    for name, spec in tensors.items():
+        try:
+            dtype, shape = spec
+            shape = tuple(int(d) for d in shape)
+        except (TypeError, ValueError):
+            raise StoreError(f"tensor {name!r}: expected (dtype, shape), got {spec!r}") from None
+        if dtype not in TENSOR_DTYPES:
+            raise StoreError(f"tensor {name!r}: dtype must be one of {', '.join(TENSOR_DTYPES)}, got {dtype!r}")
+        if not 1 <= len(shape) <= MAX_TENSOR_DIMS or any(d < 1 or d >= 1 << 32 for d in shape):
+            raise StoreError(f"tensor {name!r}: shape after rows must be 1..{MAX_TENSOR_DIMS} dims >= 1, got {shape}")
+        out[str(name)] = (TENSOR_DTYPES[dtype], shape)
+    return out
+
+
 def _check_layout(h: _Header, path: Path) -> None:
-    """Every region inside the file, page aligned, sized for rows x classes."""
+    """Every region inside the file, page aligned, sized for rows x classes (label arrays) or its shape (tensors)."""
     ok = h.done_offset % PAGE == 0 and h.done_nbytes == h.rows and h.done_offset + h.done_nbytes <= h.file_bytes
     stat_arrays = [a for a in h.arrays if a.dtype == DTYPE_FILE_STAT]
     ok = ok and len(stat_arrays) <= 1 and all(a.name == FILE_STAT for a in stat_arrays)
+    ok = ok and len({a.name for a in h.arrays}) == len(h.arrays)
     for a in h.arrays:
-        width = {DTYPE_FLOAT32: h.classes * 4, DTYPE_FILE_STAT: 16}.get(a.dtype)
-        ok = ok and width is not None and a.offset % PAGE == 0 and a.nbytes == h.rows * width
-        ok = ok and (a.dtype == DTYPE_FLOAT32) == (a.name != FILE_STAT)
+        if a.is_tensor:
+            nbytes = _tensor_nbytes(h.rows, a.dtype, a.shape)
+        else:
+            width = {DTYPE_FLOAT32: h.classes * 4, DTYPE_FILE_STAT: 16}.get(a.dtype)
+            nbytes = None if width is None else h.rows * width
+        ok = ok and nbytes is not None and a.offset % PAGE == 0 and a.nbytes == nbytes
+        ok = ok and (a.dtype == DTYPE_FILE_STAT) == (a.name == FILE_STAT)
         ok = ok and a.offset >= h.done_offset + h.done_nbytes and a.offset + a.nbytes <= h.file_bytes
+    spans = sorted((a.offset, a.offset + a.nbytes) for a in h.arrays)
+    ok = ok and all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
     if not ok or h.classes < 1:
         raise StoreError(f"{path} header is corrupted (array layout)")
 
