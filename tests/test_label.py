@@ -154,24 +154,30 @@ def _cli_args(out: Path, root: Path, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_resume_after_sigkill_is_byte_identical(tmp_path, image_folder, seed):
+@pytest.mark.parametrize("seed,extra", [(0, ()), (1, ()), (2, ()), (3, ("--save-embeddings",)),
+                                        (4, ("--save-embeddings", "--embedding-dtype", "fp32"))])
+def test_resume_after_sigkill_is_byte_identical(tmp_path, image_folder, seed, extra):
     whole = tmp_path / "whole.cdul"
     killed = tmp_path / "killed.cdul"
     kill_after = int(np.random.default_rng(seed).integers(1, 6))  # a random point among the 6 batches
     env = {**os.environ, "SIGNAL": "SIGKILL", "SIGNAL_AFTER": str(kill_after)}
-    proc = subprocess.run([sys.executable, "-c", _SIGNALLER, *_cli_args(killed, image_folder)], env=env,
+    proc = subprocess.run([sys.executable, "-c", _SIGNALLER, *_cli_args(killed, image_folder, *extra)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
     with LabelStore.open(killed) as st:  # torn: not clean, partly done
         assert not st.clean
         done = int((np.asarray(st.done) == 1).sum())
     assert 0 < done < 11
-    assert main(_cli_args(whole, image_folder)) == 0
-    assert main(_cli_args(killed, image_folder)) == 2  # exists: must ask for --resume
-    assert main(_cli_args(killed, image_folder, "--resume", "--grid", "2")) == 2  # other settings: refused
-    assert main(_cli_args(killed, image_folder, "--resume")) == 0
+    assert main(_cli_args(whole, image_folder, *extra)) == 0
+    assert main(_cli_args(killed, image_folder, *extra)) == 2  # exists: must ask for --resume
+    assert main(_cli_args(killed, image_folder, "--resume", "--grid", "2", *extra)) == 2  # other settings: refused
+    if extra:  # with or without embeddings is another setting too
+        assert main(_cli_args(killed, image_folder, "--resume")) == 2
+    assert main(_cli_args(killed, image_folder, "--resume", *extra)) == 0
     assert killed.read_bytes() == whole.read_bytes()
+    if extra:
+        with LabelStore.open(killed) as st:
+            assert st.tensor("embeddings").any(axis=(1, 2)).all()  # every row's embeddings were written
 
 
 def test_undecodable_image_is_skipped_and_logged(tmp_path, image_folder, clip):

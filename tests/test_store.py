@@ -395,3 +395,101 @@ def test_auto_falls_back_to_numpy_without_the_extension(tmp_path, monkeypatch):
         assert st.backend == "numpy" and st.is_complete
     with pytest.raises(StoreError, match="'ext' asked for but cdul_fast._store is not built"):
         LabelStore.open(path, backend="ext")
+
+
+# ------------------------------------------------------------------------------------------- version 3: tensors
+
+
+def _make_tensors(path: Path, backend: str, rows: int = 23, dtype: str = "float16") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    data = {"final": rng.random((rows, len(CLASSES)), dtype=np.float32),
+            "embeddings": rng.standard_normal((rows, 10, 6)).astype(np.float32)}
+    st = LabelStore.create(path, CLASSES, rows, ["final"], meta={"k": 1}, backend=backend,
+                           file_stats=np.arange(rows * 2).reshape(rows, 2),
+                           tensors={"embeddings": (dtype, (10, 6))})
+    for start in range(0, rows, 5):
+        st.write(start, {k: v[start:start + 5] for k, v in data.items()})
+    st.close()
+    return data
+
+
+def _entry(raw: bytes, i: int) -> tuple:
+    return struct.unpack_from("<32sIIQQ", raw, 128 + 56 * i)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_tensors_round_trip_in_their_dtype_and_shape_readable_with_plain_numpy(tmp_path, backend, dtype):
+    path = tmp_path / "s.cdul"
+    data = _make_tensors(path, backend, dtype=dtype)
+    raw = path.read_bytes()
+    assert struct.unpack_from("<I", raw, 8)[0] == 3
+    with LabelStore.open(path, backend=backend) as st:
+        emb = st.tensor("embeddings")
+        assert st.tensor_names == ("embeddings",) and st.array_names == ("final",)
+        assert emb.dtype == np.dtype(dtype) and emb.shape == (23, 10, 6)
+        np.testing.assert_array_equal(emb, data["embeddings"].astype(dtype))
+        np.testing.assert_array_equal(st.array("final"), data["final"])
+    name, code, _, offset, nbytes = _entry(raw, 2)  # final, file_stat, embeddings
+    assert name.rstrip(b"\0") == b"embeddings" and nbytes == 23 * 10 * 6 * np.dtype(dtype).itemsize
+    assert struct.unpack_from("<4I", raw, 1920 + 16 * 2) == (2, 10, 6, 0)  # the shape table
+    mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(23, 10, 6))
+    np.testing.assert_array_equal(mm, data["embeddings"].astype(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stores_without_tensors_keep_their_older_version(tmp_path, backend):
+    a, b = tmp_path / "a.cdul", tmp_path / "b.cdul"
+    _make(a, backend)
+    LabelStore.create(b, CLASSES, 3, ["final"], file_stats=np.zeros((3, 2), int), backend=backend).close()
+    assert struct.unpack_from("<I", a.read_bytes(), 8)[0] == 1
+    assert struct.unpack_from("<I", b.read_bytes(), 8)[0] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,message", [
+    ("data", "array 'embeddings' checksum mismatch"),
+    ("shape", "header is corrupted"),
+    ("ndim", "header is corrupted"),
+    ("version", "header is corrupted"),
+])
+def test_damaged_tensors_are_detected(tmp_path, backend, case, message):
+    path = tmp_path / "s.cdul"
+    _make_tensors(path, backend)
+    raw = bytearray(path.read_bytes())
+    offset = _entry(bytes(raw), 2)[3]
+    if case == "data":
+        raw[offset + 77] ^= 0x10
+    elif case == "shape":  # a consistent-looking shape that does not fit nbytes (header CRC recomputed: a forgery)
+        struct.pack_into("<4I", raw, 1920 + 32, 2, 10, 7, 0)
+    elif case == "ndim":
+        struct.pack_into("<4I", raw, 1920 + 32, 0, 0, 0, 0)
+    elif case == "version":  # a version 2 file cannot hold tensors
+        struct.pack_into("<I", raw, 8, 2)
+    if case != "data":  # re-seal the header so only the layout check can catch it
+        meta_capacity = struct.unpack_from("<Q", raw, 48)[0]
+        page = bytearray(raw[:PAGE])
+        page[12:16] = b"\0\0\0\0"
+        crc = zlib.crc32(bytes(raw[PAGE:PAGE + meta_capacity]), zlib.crc32(bytes(page)))
+        struct.pack_into("<I", raw, 12, crc)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=message):
+        LabelStore.open(path, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_writes_are_validated_and_rows_cleared(tmp_path, backend):
+    path = tmp_path / "s.cdul"
+    _make_tensors(path, backend)
+    with LabelStore.open(path, "r+", backend=backend) as st:
+        with pytest.raises(StoreError, match=r"must be \[n, 10, 6\]"):
+            st.write(0, {"final": np.zeros((1, 5)), "embeddings": np.zeros((1, 10, 5))})
+        with pytest.raises(StoreError, match="no tensor 'emb'"):
+            st.tensor("emb")
+        st.clear_rows(np.array([1, 4]))
+        assert not st.tensor("embeddings")[[1, 4]].any() and not st.array("final")[[1, 4]].any()
+        assert st.tensor("embeddings")[0].any()
+    for bad, message in [({"x": ("float64", (3,))}, "dtype must be one of"), ({"x": ("float16", ())}, "1..3 dims"),
+                         ({"x": ("float16", (2, 0))}, "1..3 dims"), ({"final": ("float16", (2,))}, "unique")]:
+        with pytest.raises(StoreError, match=message):
+            LabelStore.create(tmp_path / "t.cdul", CLASSES, 2, ["final"], tensors=bad, backend=backend)

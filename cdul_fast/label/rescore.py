@@ -205,7 +205,7 @@ def ccd_bias(src: LabelStore, text: torch.Tensor, scale: float, max_entropy: flo
     labelled = np.flatnonzero(src.done == DONE)
     for block in embedding_blocks(src, labelled, block_rows):
         keep = torch.from_numpy(src.done[block[0]:block[-1] + 1] == DONE)
-        emb = block_embeddings(src, block, device)[:, :1]
+        emb = block_embeddings(src, block, device)
         g = ops.aggregate_scores(ops.cosine_scores(emb, text), scale, 0.0, 0.0, ("global",), backend)["global"]
         g = g.cpu()[keep]
         entropy = -(g * torch.log(g + 1e-10)).sum(1)
