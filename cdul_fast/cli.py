@@ -1,4 +1,4 @@
-"""The `cdul-fast` command line: label, eval, train, export, predict, demo.
+"""The `cdul-fast` command line: label, rescore, eval, train, export, predict, tags, demo.
 
 Every flag is documented in --help with its default. Errors a user can fix print one line and exit 2; a
 traceback appears only with --debug.
@@ -43,15 +43,16 @@ def _csv(value: str) -> list[str]:
 class _Flags:
     """Adds flags whose defaults come from the command's YAML and only records values given explicitly."""
 
-    def __init__(self, parser: argparse.ArgumentParser, command: str) -> None:
+    def __init__(self, parser: argparse.ArgumentParser, command: str, unset: str = "none") -> None:
         self.parser = parser
         self.defaults = package_defaults(command)
+        self.unset = unset  # what a null default means, as shown in --help
 
     def add(self, *names: str, help: str, key: str | None = None, **kw) -> None:  # noqa: A002 - argparse's name
         dest = key or names[0].lstrip("-").replace("-", "_")
         if dest in self.defaults and kw.get("action") not in ("store_true", "store_false"):
             shown = self.defaults[dest]
-            help = f"{help} (default: {shown if shown not in (None, [], {}) else 'none'})"
+            help = f"{help} (default: {shown if shown not in (None, [], {}) else self.unset})"
         self.parser.add_argument(*names, dest=dest, default=SUPPRESS, help=help, **kw)
 
 
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "text encoder runs (the image encoder is never loaded) and the fused aggregation "
                                     "kernel streams over row blocks of the mapped embeddings. Writes a normal label "
                                     "store for eval, train and tags. Unset options keep the source's values.")
-    f = _Flags(rs, "rescore")
+    f = _Flags(rs, "rescore", unset="the source store's")
     f.add("--labels", "--from", key="source", help="label store with embeddings (label --save-embeddings)",
           required=True)
     f.add("--out", "-o", help="new label store to write", required=True)
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--save", type=_csv, help=f"extra arrays to store, comma-separated: {','.join(OUTPUTS)}")
     f.add("--debias", choices=("none", "ccd"),
           help="ccd: divide each class's scores by CLIP's bias for it (mean confident top-1 probability, CCD, "
-               "CVPR 2025) and clip to [0, 1]; changes thresholded tags and training targets, not per-class AP")
+               "CVPR 2025) and clip to [0, 1]: calibrates classes against each other for thresholded tags and hard "
+               "targets (the clip creates ties, which can lower mAP: docs/rescore.md)")
     f.add("--debias-entropy", type=float, help="ccd: only images whose whole-image softmax entropy (nats) is at most "
                                                "this count towards the bias")
     f.add("--clip", help="the CLIP the store was labelled with, when its recorded location moved")
