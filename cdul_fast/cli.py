@@ -258,6 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--no-progress", action="store_true", help="no progress bar", key="no_progress")
     pr.set_defaults(func=cmd_predict)
 
+    tg = sub.add_parser("tags", help="per-image tags (CSV, JSON or parquet) from a label store",
+                        description="Cut a label store's soft scores into tags per image, without ground truth: one "
+                                    "threshold for all classes, per-class thresholds from each class's own score "
+                                    "distribution (Otsu), the top k classes, or a thresholds file. Writes the tags "
+                                    "(format from the --out suffix) and the thresholds used (<out>.thresholds.csv, "
+                                    "editable, for --thresholds). See docs/tags.md.")
+    f = _Flags(tg, "tags")
+    f.add("--labels", help="label store (from label or rescore)", required=True)
+    f.add("--out", "-o", help="tags file: .csv (path,tags,scores), .json, or .parquet (needs pyarrow)",
+          required=True)
+    _dataset_flags(f)
+    f.add("--array", help="store array to cut")
+    f.add("--threshold", type=float, help="one threshold for every class (the default mode, 0.5)")
+    f.add("--auto", choices=("otsu",), help="otsu: a threshold per class from its score histogram (docs/tags.md)")
+    f.add("--top-k", type=int, help="the k best classes of every image")
+    f.add("--thresholds", metavar="FILE", help="per-class thresholds: CSV class,threshold (e.g. an edited "
+                                               "<out>.thresholds.csv)")
+    f.add("--min-score", type=float, help="no tag below this score, in every mode")
+    f.add("--allow-incomplete", action="store_true", help="tag the rows labelled so far of an unfinished store")
+    tg.set_defaults(func=cmd_tags)
+
     de = sub.add_parser("demo", help="the whole pipeline on the embedded shapes world with the shipped tiny CLIP",
                         description="Generate the shapes world, label its train split with the shipped CLIP, print "
                                     "the pseudo-label mAP of the global/avg/max/cdul aggregators, train a small "
@@ -298,9 +319,34 @@ def cmd_label(args: dict) -> int:
     return 0
 
 
-def cmd_eval(args: dict) -> int:
+def _labelled_with(store: str) -> dict:
+    """The label configuration saved beside ``store`` (``<store>.yaml``), following a rescored store to its source;
+    empty when there is none (it only fills in options the user did not give)."""
+    import yaml
+
+    from .store.label_store import LabelStore
+
+    path = store
+    for _ in range(2):  # the store itself, then the store it was re-scored from
+        try:
+            data = yaml.safe_load(open(f"{path}.yaml", encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = {}
+        if isinstance(data, dict) and "root" in data:
+            return data
+        try:
+            with LabelStore.open(path, mode="r", verify=False) as st:
+                path = (st.meta.get("rescored_from") or {}).get("store")
+        except CdulError:
+            return {}
+        if not path:
+            return {}
+    return {}
+
+
+def _store_dataset(args: dict):
+    """The dataset a store's rows belong to: the flags given, else what the store and its saved config record."""
     from .datasets import load_dataset
-    from .evaluate import evaluate_store, format_table, reports_json
     from .store.label_store import LabelStore
 
     opts = _dataset_options(args)
@@ -311,7 +357,17 @@ def cmd_eval(args: dict) -> int:
             args.setdefault("split", st.meta.get("split"))
         if name is None:
             raise CdulError("--dataset is needed: the store does not record its dataset")
-    ds = load_dataset(name, args.get("root"), args.get("split"), **opts)
+        saved = _labelled_with(args["labels"])
+        if saved.get("dataset") == name:
+            args.setdefault("root", saved.get("root"))
+            opts = {**(saved.get("dataset_options") or {}), **opts}
+    return load_dataset(name, args.get("root"), args.get("split"), **opts)
+
+
+def cmd_eval(args: dict) -> int:
+    from .evaluate import evaluate_store, format_table, reports_json
+
+    ds = _store_dataset(args)
     if args.get("sweep"):
         return _eval_sweep(args, ds)
     if args.get("sweep_out") or args.get("device"):
@@ -420,6 +476,31 @@ def cmd_predict(args: dict) -> int:
         print(format_table({"onnx": evaluate_scores(scores, ds, rows)}, per_class=False))
     elif not cfg.get("out"):
         raise ConfigError("nothing to report: the images have no ground truth, pass --out FILE for the scores")
+    return 0
+
+
+def cmd_tags(args: dict) -> int:
+    from .config import check_number
+    from .deploy.tags import run_tags
+
+    args = resolve("tags", args)
+    chosen = [k for k in ("threshold", "auto", "top_k", "thresholds") if args.get(k) is not None]
+    if len(chosen) > 1:
+        raise CdulError("pass one of --threshold, --auto, --top-k and --thresholds")
+    check_number("--threshold", args.get("threshold"), lo=0.0, hi=1.0, optional=True)
+    check_number("--top-k", args.get("top_k"), lo=1, integer=True, optional=True)
+    check_number("--min-score", args["min_score"], lo=0.0, hi=1.0)
+    mode = {"threshold": "fixed", "auto": args.get("auto"), "top_k": "top-k", "thresholds": "file"}.get(
+        chosen[0] if chosen else "threshold")
+    ds = _store_dataset(args)
+    res = run_tags(args["labels"], ds, args["out"], args["array"], mode, args.get("threshold"), args.get("top_k"),
+                   args.get("thresholds"), args["min_score"], args.get("allow_incomplete", False))
+    for n in res.notes:
+        print(f"note: {n}")
+    what = {"fixed": f"threshold {args.get('threshold') or 0.5:g}", "otsu": "per-class Otsu thresholds",
+            "top-k": f"top {args.get('top_k')}", "file": f"thresholds of {args.get('thresholds')}"}[mode]
+    print(f"{res.out}: {res.images} images, {res.tags} tags ({res.tags / max(res.images, 1):.1f} per image), "
+          f"{what}; thresholds in {res.thresholds_file}")
     return 0
 
 

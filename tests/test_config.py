@@ -10,9 +10,11 @@ import pytest
 from cdul_fast.cli import build_parser
 from cdul_fast.config import package_defaults
 from cdul_fast.label.pipeline import LabelConfig
+from cdul_fast.label.rescore import RescoreConfig
 from cdul_fast.train.trainer import TrainConfig
 
-RUNTIME_ONLY = {"out", "labels", "resume", "overwrite", "progress"}  # per run, never a default in a file
+RUNTIME_ONLY = {"out", "labels", "source", "resume", "overwrite", "progress"}  # per run, never a default in a file
+UNSET = {"rescore": "the source store's"}  # what --help says for a null default (else "none")
 SET_THROUGH = {"dataset_options": "--dataset-opt", "test_dataset_options": None}  # not flags of their own
 
 
@@ -29,7 +31,8 @@ def _subparser(name: str) -> argparse.ArgumentParser:
     return sub.choices[name]
 
 
-@pytest.mark.parametrize("command,cls", [("label", LabelConfig), ("train", TrainConfig)])
+@pytest.mark.parametrize("command,cls", [("label", LabelConfig), ("train", TrainConfig),
+                                         ("rescore", RescoreConfig)])
 def test_yaml_defaults_equal_the_dataclass_defaults(command, cls):
     yaml_defaults = package_defaults(command)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -42,7 +45,7 @@ def test_yaml_defaults_equal_the_dataclass_defaults(command, cls):
     assert not differ, f"configs/{command}.yaml vs {cls.__name__} (yaml, dataclass): {differ}"
 
 
-@pytest.mark.parametrize("command", ["label", "train", "predict"])
+@pytest.mark.parametrize("command", ["label", "train", "predict", "rescore", "tags"])
 def test_every_default_has_a_flag_that_shows_it(command):
     actions = {a.dest: a for a in _subparser(command)._actions}
     for key, value in package_defaults(command).items():
@@ -51,7 +54,7 @@ def test_every_default_has_a_flag_that_shows_it(command):
         assert key in actions, f"configs/{command}.yaml key {key!r} has no --flag"
         act = actions[key]
         if not isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            shown = value if value not in (None, [], {}) else "none"
+            shown = value if value not in (None, [], {}) else UNSET.get(command, "none")
             assert f"(default: {shown})" in act.help, (key, act.help)
         else:  # a boolean default on, switched off by a --no-... flag (and the reverse)
             assert isinstance(act, argparse._StoreFalseAction) == bool(value), key
