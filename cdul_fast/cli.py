@@ -322,6 +322,8 @@ def cmd_label(args: dict) -> int:
 def _labelled_with(store: str) -> dict:
     """The label configuration saved beside ``store`` (``<store>.yaml``), following a rescored store to its source;
     empty when there is none (it only fills in options the user did not give)."""
+    from pathlib import Path
+
     import yaml
 
     from .store.label_store import LabelStore
@@ -329,7 +331,7 @@ def _labelled_with(store: str) -> dict:
     path = store
     for _ in range(2):  # the store itself, then the store it was re-scored from
         try:
-            data = yaml.safe_load(open(f"{path}.yaml", encoding="utf-8")) or {}
+            data = yaml.safe_load(Path(f"{path}.yaml").read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             data = {}
         if isinstance(data, dict) and "root" in data:
