@@ -78,6 +78,13 @@ def _prompt_flags(f: _Flags) -> None:
           help="class synonyms: lines 'name: synonym | synonym'; a class's embedding averages its name and synonyms")
 
 
+def _scoring_flags(f: _Flags) -> None:
+    f.add("--zeta", type=float, help="min-max threshold: a class keeps its max snippet score if it reaches zeta")
+    f.add("--lam", type=float, help="lambda: 0 = average of global and aggregate scores, 1 = their max")
+    f.add("--aggregator", choices=AGGREGATORS, help="aggregator stored as 'final' (Table 3)")
+    f.add("--save", type=_csv, help=f"extra arrays to store, comma-separated: {','.join(OUTPUTS)}")
+
+
 def _dataset_options(args: dict) -> dict:
     opts = parse_kv(args.pop("dataset_opt", None))
     if "classes" in args:
@@ -111,10 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--clip-precision", choices=PRECISIONS, help="encoder precision")
     _prompt_flags(f)
     f.add("--grid", type=int, help="G: the image is cut into G x G snippets")
-    f.add("--zeta", type=float, help="min-max threshold: a class keeps its max snippet score if it reaches zeta")
-    f.add("--lam", type=float, help="lambda: 0 = average of global and aggregate scores, 1 = their max")
-    f.add("--aggregator", choices=AGGREGATORS, help="aggregator stored as 'final' (Table 3)")
-    f.add("--save", type=_csv, help=f"extra arrays to store, comma-separated: {','.join(OUTPUTS)}")
+    _scoring_flags(f)
     f.add("--save-embeddings", action="store_true",
           help="also store the normalized image embedding of every view [rows, 1+G^2, K], so `cdul-fast rescore` "
                "and `eval --sweep` can re-score with other classes, prompts, zeta, lambda or aggregators without "
@@ -146,10 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--out", "-o", help="new label store to write", required=True)
     f.add("--classes", help="new class list: comma-separated (cat,dog) or @FILE with one name per line")
     _prompt_flags(f)
-    f.add("--zeta", type=float, help="min-max threshold")
-    f.add("--lam", type=float, help="lambda: 0 = average of global and aggregate scores, 1 = their max")
-    f.add("--aggregator", choices=AGGREGATORS, help="aggregator stored as 'final'")
-    f.add("--save", type=_csv, help=f"extra arrays to store, comma-separated: {','.join(OUTPUTS)}")
+    _scoring_flags(f)
     f.add("--debias", choices=("none", "ccd"),
           help="ccd: divide each class's scores by CLIP's bias for it (mean confident top-1 probability, CCD, "
                "CVPR 2025) and clip to [0, 1]: calibrates classes against each other for thresholded tags and hard "

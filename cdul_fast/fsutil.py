@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
+
 
 def fsync_dir(folder: Path) -> None:
     """Make a new directory entry durable (best effort: some filesystems refuse fsync on directories)."""
@@ -67,3 +69,14 @@ def file_stats(paths: Sequence[str | Path]) -> np.ndarray:
             continue
         out[i, 0], out[i, 1] = st.st_size, st.st_mtime_ns
     return out
+
+
+def read_user_text(path: str | Path, what: str) -> str:
+    """A UTF-8 file the user named (templates, synonyms, thresholds): missing or unreadable is one line."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} file {p}: {getattr(exc, 'strerror', None) or exc}") from None

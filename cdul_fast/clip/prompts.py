@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..fsutil import read_user_text
 from .loader import DEFAULT_TEMPLATE, ClipModel
 
 
@@ -46,13 +47,7 @@ class Prompts:
 
 
 def _lines(path: str | Path, what: str) -> list[tuple[int, str]]:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {what} file {p}: {getattr(exc, 'strerror', None) or exc}") from None
+    text = read_user_text(path, what)
     out = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1)]
     return [(n, ln) for n, ln in out if ln and not ln.startswith("#")]
 

@@ -29,7 +29,7 @@ import numpy as np
 from ..datasets import MultiLabelSet
 from ..errors import ConfigError, DependencyError
 from ..evaluate import labelled_rows
-from ..fsutil import write_text_atomic
+from ..fsutil import read_user_text, write_text_atomic
 from ..store.label_store import LabelStore
 
 MODES: tuple[str, ...] = ("fixed", "otsu", "top-k", "file")
@@ -58,12 +58,7 @@ def otsu_threshold(scores: np.ndarray, bins: int = BINS) -> float:
 def read_thresholds(path: str | Path, class_names: tuple[str, ...]) -> np.ndarray:
     """Per-class thresholds from a ``class,threshold`` CSV (header optional); every class exactly once."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"thresholds file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read thresholds file {p}: {getattr(exc, 'strerror', None) or exc}") from None
+    text = read_user_text(p, "thresholds")
     col = {c: i for i, c in enumerate(class_names)}
     out = np.full(len(class_names), np.nan)
     for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
