@@ -1,1 +1,1 @@
-"""Stage 4: the trained classifier as ONNX, and ONNX Runtime prediction."""
+"""Stage 4: the trained classifier as ONNX, ONNX Runtime prediction, and per-image tags from a label store."""

@@ -1,1 +1,2 @@
-"""Stage 2: CLIP scores of the views -> aggregation -> the label store (`cdul-fast label`)."""
+"""Stage 2: CLIP scores of the views -> aggregation -> the label store (`cdul-fast label`), and the same math from
+stored view embeddings (`cdul-fast rescore`, `eval --sweep`)."""
