@@ -72,10 +72,11 @@ def file_stats(paths: Sequence[str | Path]) -> np.ndarray:
 
 
 def read_user_text(path: str | Path, what: str) -> str:
-    """A UTF-8 file the user named (templates, synonyms, thresholds): missing or unreadable is one line."""
+    """A UTF-8 file the user named (templates, synonyms, thresholds): missing or unreadable is one line; a byte-order
+    mark (spreadsheet exports) is dropped."""
     p = Path(path)
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(f"{what} file not found: {p}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -324,6 +324,10 @@ def test_sweep_cells_equal_label_runs_at_those_points(tmp_path, folder, stores, 
     ds = load_dataset("folder", folder, "all", classes=",".join(CLASSES), labels="labels.csv")
     res = run_sweep(stores["fp32"], ds, "zeta=0:0.4:0.2,lam=0,1", torch.device("cpu"), backend="torch")
     assert res.zetas == [0.0, 0.2, 0.4] and res.lams == [0.0, 1.0]
+    passes = run_sweep(stores["fp32"], ds, "zeta=0:0.4:0.2,lam=0,1", torch.device("cpu"), backend="torch",
+                       memory_budget=1)  # one grid point per pass over the embeddings: the same table
+    np.testing.assert_array_equal(passes.cdul_map, res.cdul_map)
+    assert passes.baselines == res.baselines
     for z, lam in [(0.2, 0.0), (0.4, 1.0)]:
         path = tmp_path / f"l{z}-{lam}.cdul"
         run_label(_cfg(path, folder, zeta=z, lam=lam), log=lambda _: None)

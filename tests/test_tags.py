@@ -155,3 +155,9 @@ def test_cli(tmp_path, labelled, capsys):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_thresholds_file_with_a_byte_order_mark(tmp_path):
+    f = tmp_path / "thr.csv"
+    f.write_bytes("\ufeffclass,threshold\ncircle,0.2\nsquare,0.3\ntriangle,inf\n".encode())
+    np.testing.assert_array_equal(T.read_thresholds(f, CLASSES), [0.2, 0.3, math.inf])

@@ -3,8 +3,8 @@ stored embeddings.
 
 One pass over the store's embedding blocks: the cosine scores of a block are computed once and every grid point runs
 the same fused aggregation kernel as ``label`` on them, so each cell equals the mAP of a ``label`` run with that
-zeta and lambda. Memory: one float32 [rows, classes] matrix per grid point (NUS-WIDE's 161,789 train rows x 81
-classes: 52 MB per point).
+zeta and lambda. Memory: one float32 [rows, classes] matrix per grid point held (NUS-WIDE's 161,789 train rows x 81
+classes: 52 MB per point); a grid larger than ``memory_budget`` (2 GiB) is done in several passes over the embeddings.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class SweepResult:
 
 
 def run_sweep(path: str | Path, ds: MultiLabelSet, spec: str, device: torch.device, backend: str = "auto",
-              block_rows: int = 2048, clip: str | None = None, clip_weights: str | None = None) -> SweepResult:
+              block_rows: int = 2048, clip: str | None = None, clip_weights: str | None = None,
+              memory_budget: int = 2 << 30) -> SweepResult:
     """mAP of CDUL's labels at every (zeta, lambda) of ``spec`` and of the global/avg/max aggregators, from the
     embeddings of the store ``path`` (its classes and prompts), against ``ds``'s ground truth."""
     if ds.labels is None:
@@ -120,20 +121,27 @@ def run_sweep(path: str | Path, ds: MultiLabelSet, spec: str, device: torch.devi
         scale = float(src.meta.get("logit_scale", model.logit_scale))
         points = [(z, lam) for z in axes["zeta"] for lam in axes["lam"]]
         C = len(src.class_names)
-        cdul = np.zeros((len(points), src.rows, C), dtype=np.float32)
-        base = {a: np.zeros((src.rows, C), dtype=np.float32) for a in BASELINES}
-        for block in embedding_blocks(src, rows, block_rows):
-            r0, r1 = int(block[0]), int(block[-1]) + 1
-            with torch.inference_mode():
-                cos = ops.cosine_scores(block_embeddings(src, block, device), text)
-                for k, (z, lam) in enumerate(points):
-                    cdul[k, r0:r1] = ops.aggregate_scores(cos, scale, z, lam, ("cdul",), backend)["cdul"].cpu()
-                for a, v in ops.aggregate_scores(cos, scale, 0.0, 0.0, BASELINES, backend).items():
-                    base[a][r0:r1] = v.cpu()
-    maps = np.array([evaluate_scores(cdul[k], ds, rows).map for k in range(len(points))])
-    return SweepResult(zetas=axes["zeta"], lams=axes["lam"], cdul_map=maps.reshape(len(axes["zeta"]), -1),
-                       baselines={a: evaluate_scores(base[a], ds, rows).map for a in BASELINES},
-                       images=int(rows.size), notes=notes)
+        per_pass = max(1, int(memory_budget // max(src.rows * C * 4, 1)))  # grid points held per pass
+        maps: list[float] = []
+        baselines: dict[str, float] = {}
+        for first in range(0, len(points), per_pass):
+            group = points[first:first + per_pass]
+            cdul = np.zeros((len(group), src.rows, C), dtype=np.float32)
+            base = {a: np.zeros((src.rows, C), dtype=np.float32) for a in BASELINES} if not baselines else {}
+            for block in embedding_blocks(src, rows, block_rows):
+                r0, r1 = int(block[0]), int(block[-1]) + 1
+                with torch.inference_mode():
+                    cos = ops.cosine_scores(block_embeddings(src, block, device), text)
+                    for k, (z, lam) in enumerate(group):
+                        cdul[k, r0:r1] = ops.aggregate_scores(cos, scale, z, lam, ("cdul",), backend)["cdul"].cpu()
+                    if base:
+                        for a, v in ops.aggregate_scores(cos, scale, 0.0, 0.0, BASELINES, backend).items():
+                            base[a][r0:r1] = v.cpu()
+            maps += [evaluate_scores(cdul[k], ds, rows).map for k in range(len(group))]
+            baselines = baselines or {a: evaluate_scores(base[a], ds, rows).map for a in BASELINES}
+    maps_arr = np.array(maps)
+    return SweepResult(zetas=axes["zeta"], lams=axes["lam"], cdul_map=maps_arr.reshape(len(axes["zeta"]), -1),
+                       baselines=baselines, images=int(rows.size), notes=notes)
 
 
 def format_sweep(res: SweepResult) -> str:
