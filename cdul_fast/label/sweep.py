@@ -181,11 +181,11 @@ def _heat_map(res: SweepResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     data = 100 * res.cdul_map
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(res.lams), 1.4 + 0.42 * len(res.zetas)))
+    fig, ax = plt.subplots(figsize=(max(4.8, 2.2 + 1.1 * len(res.lams)), 1.6 + 0.42 * len(res.zetas)))
     im = ax.imshow(data, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(res.lams)), [f"{v:g}" for v in res.lams])
     ax.set_yticks(range(len(res.zetas)), [f"{v:g}" for v in res.zetas])
-    ax.set_xlabel("lambda (0 = average, 1 = max of global and aggregate)")
+    ax.set_xlabel("lambda (0 = average, 1 = max)")
     ax.set_ylabel("zeta")
     mid = np.nanmean(data)
     for i in range(data.shape[0]):
