@@ -29,7 +29,8 @@ import cdul_fast
 ROOT = Path(__file__).resolve().parents[1]
 DIST = "cdul-fast"
 # Imported by the package but optional: each has a fallback with the same math (see _backend.py).
-OPTIONAL = {"triton": "Triton kernels -> pure-torch twins", "nvidia": "DALI decoder -> PIL / tensor decoders"}
+OPTIONAL = {"triton": "Triton kernels -> pure-torch twins", "nvidia": "DALI decoder -> PIL / tensor decoders",
+            "pyarrow": "`tags --out x.parquet` (extra 'parquet') -> a one-line error naming pip install pyarrow"}
 # Needed at run time although the package never imports them by name.
 INDIRECT = {"onnxscript": "torch.onnx.export(dynamo=True), used by `cdul-fast export`"}
 
