@@ -20,6 +20,7 @@ from .config import (
     METHODS,
     OUTPUTS,
     PRECISIONS,
+    PRED_SOURCES,
     PROVIDERS,
     SCHEDULERS,
     TARGETS,
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Gradient-alignment training (paper 3.2, supplement 6.2): the classifier learns "
                                     "from the soft pseudo labels with a KL loss; after the warm-up, every epoch ends "
                                     "with a psi-weighted update of the whole latent pseudo-label matrix. Baselines "
-                                    "(an, ls, epr) use the same loop. Checkpoints every epoch; --resume continues.")
+                                    "(an, ls, epr, role) use the same loop. Checkpoints every epoch; --resume "
+                                    "continues.")
     f = _Flags(tr, "train")
     f.add("--labels", help="label store written by `cdul-fast label`", required=True)
     f.add("--out", "-o", help="run folder (checkpoints, log, plot, final model)", required=True)
@@ -204,25 +206,38 @@ def build_parser() -> argparse.ArgumentParser:
                                "(.safetensors or weights-only .pth), or for clipres a CLIP folder/alias (shapes-clip)")
     f.add("--image-size", type=int, help="input side: the whole image is resized to S x S")
     f.add("--epochs", type=int, help="training epochs")
-    f.add("--warmup", type=int, help="epochs before the first latent label update")
+    f.add("--warmup", type=int,
+          help="epochs before the first latent label update (cdul; role estimates labels from the first batch)")
     f.add("--batch-size", type=int, help="images per step")
     f.add("--lr", type=float, help="AdamW learning rate")
     f.add("--weight-decay", type=float, help="AdamW weight decay")
     f.add("--scheduler", choices=SCHEDULERS, help="learning-rate schedule")
     f.add("--method", choices=METHODS,
           help="cdul (KL + latent updates), an (BCE, assume negative), ls (label smoothing), epr (expected positive "
-               "regularization)")
+               "regularization), role (regularized online label estimation, Cole et al. 2021: label estimates "
+               "learnt with the network from the first batch, the hard pseudo positives fixed at 1)")
     f.add("--targets", choices=TARGETS, help="soft pseudo labels or hard (thresholded) ones")
-    f.add("--hard-threshold", type=float, help="threshold for hard labels and the baselines")
+    f.add("--hard-threshold", type=float,
+          help="threshold for hard labels and the baselines (role: its observed positives)")
     f.add("--no-update-labels", action="store_false", key="update_labels",
           help="ablation: never update the pseudo labels (cdul)")
     f.add("--no-psi", action="store_false", key="psi", help="ablation: latent step without the psi weight")
     f.add("--c1", type=float, help="psi: scale c1")
     f.add("--sigma", type=float, help="psi: width sigma of the Gaussian around 0.5")
     f.add("--c2", type=float, help="psi: offset c2 (default: psi(0) = psi(1) = 0)")
-    f.add("--label-lr", type=float, help="step size of the latent update")
+    f.add("--label-lr", type=float, help="step size of the latent update (cdul)")
+    f.add("--pred-source", choices=PRED_SOURCES,
+          help="predictions y_p of the latent update (cdul): eval = one pass of the trained network after the "
+               "epoch, in eval mode without flips (paper 3.2: fix y_p when the training is done); train = the "
+               "sigmoids collected during the epoch's training pass (weights changing, random flips)")
+    f.add("--init-eps", type=float,
+          help="initial latent = logit(clamp(y, eps, 1 - eps)) of the pseudo labels y (cdul, and role's estimates); "
+               "in (0, 0.5)")
+    f.add("--role-lr", type=float,
+          help="role: SGD step size of the label-estimate logits, per unit gradient of one entry's loss (each "
+               "estimate gets one step per epoch, when its image is in a batch)")
     f.add("--smoothing", type=float, help="label smoothing of the ls baseline")
-    f.add("--epr-weight", type=float, help="weight of the expected-positive penalty (epr baseline)")
+    f.add("--epr-weight", type=float, help="weight of the expected-positive penalty (epr and role baselines)")
     f.add("--no-flip", action="store_false", key="flip", help="no random horizontal flips")
     f.add("--device", help="auto, cpu, cuda or cuda:N")
     f.add("--backend", choices=BACKENDS, help="latent-update kernel")

@@ -17,8 +17,10 @@ OUTPUTS: tuple[str, ...] = ("global", "aggregate", "cdul", "avg", "max")
 """Aggregates the label stage can compute (and store with --save); ``aggregate`` is eq. 6 before the combine."""
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
-METHODS: tuple[str, ...] = ("cdul", "an", "ls", "epr")
-"""cdul (KL + latent updates) and the baselines on the same loop: assume negative, label smoothing, EPR."""
+METHODS: tuple[str, ...] = ("cdul", "an", "ls", "epr", "role")
+"""cdul (KL + latent updates) and the baselines on the same loop: assume negative, label smoothing, EPR, ROLE."""
+PRED_SOURCES: tuple[str, ...] = ("eval", "train")
+"""Where cdul's latent update takes Y_p: a fixed-network pass after the epoch (paper 3.2) or the training pass."""
 TARGETS: tuple[str, ...] = ("soft", "hard")
 SCHEDULERS: tuple[str, ...] = ("cosine", "none")
 CACHE_MODES: tuple[str, ...] = ("auto", "yes", "no")

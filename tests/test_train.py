@@ -17,7 +17,7 @@ from cdul_fast.ops import reference as ref
 from cdul_fast.store.label_store import LabelStore
 from cdul_fast.train.checkpoint import load_checkpoint, load_state_dict_file, save_atomic
 from cdul_fast.train.classifier import build_classifier
-from cdul_fast.train.losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
+from cdul_fast.train.losses import bce_loss, epr_loss, kl_loss, role_losses, smoothed_bce_loss
 from cdul_fast.train.trainer import TrainConfig, Trainer, run_train
 
 CLASSES = ("red", "green", "blue", "white")
@@ -89,6 +89,32 @@ def test_baseline_losses():
     flat = torch.zeros(2, 2)
     assert float(epr_loss(flat, torch.zeros(2, 2), expected_positives=1.0, weight=1.0)) == pytest.approx(0.0, abs=1e-7)
     assert float(epr_loss(flat, torch.zeros(2, 2), expected_positives=2.0, weight=1.0)) == pytest.approx(0.25)
+    # Cole et al.: the batch mean of the expected counts is held to k (one image with 2, one with 0: mean 1, no
+    # penalty), not each image (which would give ((2-1)^2 + (0-1)^2) / 2 / C^2 = 0.25)
+    split = torch.tensor([[20.0, 20.0], [-20.0, -20.0]])
+    assert float(epr_loss(split, torch.zeros(2, 2), expected_positives=1.0, weight=1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_role_losses_reach_only_their_own_learner_and_match_cole_et_al():
+    """loss_f must not move the estimates nor loss_y the network (stop-gradients); observed positives are fixed."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=g).requires_grad_(True)
+    theta = torch.randn(6, 5, generator=g).requires_grad_(True)
+    observed = torch.rand(6, 5, generator=g) > 0.7
+    loss_f, loss_y = role_losses(logits, theta, observed, expected_positives=2.0, weight=1.0)
+    assert torch.autograd.grad(loss_f, theta, retain_graph=True, allow_unused=True)[0] is None
+    assert torch.autograd.grad(loss_y, logits, retain_graph=True, allow_unused=True)[0] is None
+    g_theta = torch.autograd.grad(loss_y, theta, retain_graph=True)[0]
+    assert observed.any() and torch.all(g_theta[observed] == 0) and torch.all(g_theta[~observed] != 0)
+    assert torch.all(torch.autograd.grad(loss_f, logits)[0] != 0)
+    # the two halves of Cole et al.'s joint loss, written out (their losses.loss_role, observed estimates at 1)
+    p, q = torch.sigmoid(logits.detach()), torch.sigmoid(theta.detach())
+    est, obs = torch.where(observed, 1.0, q), observed.float()
+    want_f = 0.5 * ((-(est * p.log() + (1 - est) * (1 - p).log())).mean() + (-p.log() * obs).mean()
+                    + (p.sum(1).mean() - 2.0) ** 2 / 25)
+    want_y = 0.5 * ((-(p * q.log() + (1 - p) * (1 - q).log()) * (1 - obs)).mean() + (est.sum(1).mean() - 2.0) ** 2 / 25)
+    assert float(loss_f.detach()) == pytest.approx(float(want_f), rel=1e-5)
+    assert float(loss_y.detach()) == pytest.approx(float(want_y), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------- latent step
@@ -122,6 +148,78 @@ def test_training_updates_labels_only_after_warmup_and_ablation_keeps_them(world
     assert off.history[-1]["pseudo_map"] == off.history[0]["pseudo_map"]
     for name in ("checkpoint.pt", "model.safetensors", "model.json", "log.csv", "config.yaml", "curves.png"):
         assert (tmp_path / "a" / name).is_file(), name
+
+
+def test_pred_source_eval_fixes_the_predictions_of_the_trained_network(world, tmp_path, monkeypatch):
+    """pred_source=eval: after the epoch's training, pred holds the eval-mode outputs (no flips) of the network as
+    trained, and the latent update uses them; train keeps the sigmoids of the training pass."""
+    from cdul_fast.datasets import load_dataset
+    from cdul_fast.views.square import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, normalize
+
+    fixed: list[int] = []
+    orig = Trainer._fix_predictions
+
+    def spy(self, epoch):
+        fixed.append(epoch)
+        return orig(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_fix_predictions", spy)
+    cfg = _cfg(world, tmp_path / "eval", epochs=2, warmup=1, pred_source="eval")
+    run_train(cfg, log=lambda s: None)
+    assert fixed == [2]  # only when a latent update follows
+    run_train(_cfg(world, tmp_path / "train", epochs=2, warmup=1, pred_source="train"), log=lambda s: None)
+    assert fixed == [2]
+    model = build_classifier("shapesnet", len(CLASSES))
+    model.load_state_dict(load_state_dict_file(tmp_path / "eval" / "model.safetensors"))
+    ds = load_dataset("folder", world["base"], "train", classes=",".join(CLASSES), labels="labels.csv")
+    _, images = next(ImageTensors(ds.paths, 32).batches(np.arange(len(ds)), len(ds)))
+    with torch.inference_mode():
+        fresh = torch.sigmoid(model.eval()(normalize(images, IMAGENET_MEAN, IMAGENET_STD))).numpy()
+    with (LabelStore.open(tmp_path / "eval" / "labels.cdul") as a,
+          LabelStore.open(tmp_path / "train" / "labels.cdul") as b):
+        pred, pred_train = np.asarray(a.array("pred")), np.asarray(b.array("pred"))
+        np.testing.assert_allclose(pred, fresh, atol=1e-5)
+        assert np.abs(pred - pred_train).max() > 1e-2  # train mode (batch statistics, flips) differs
+        latent0 = ref.labels_to_latent(torch.from_numpy(np.array(a.array("init"))))
+        want = ref.latent_update_(latent0, torch.from_numpy(pred.copy()), cfg.c1, cfg.sigma, cfg.psi_c2, cfg.label_lr)
+        np.testing.assert_allclose(a.array("latent"), want.numpy(), atol=1e-5)  # the update used the fixed pred
+
+
+def test_init_eps_sets_the_initial_latent(world, tmp_path):
+    y = world["noisy"]
+    assert (y < 0.05).mean() > 0.05  # enough entries for the clamp to show
+    latents = {}
+    for eps in (0.05, 1e-6):
+        tr = Trainer(_cfg(world, tmp_path / str(eps), init_eps=eps), log=lambda s: None)
+        latents[eps] = np.array(tr.store.array("latent"))
+        np.testing.assert_array_equal(tr.store.array("labels"), y)  # the labels themselves are not clamped
+        tr.store.close()
+        c = np.clip(y.astype(np.float64), eps, 1 - eps)
+        np.testing.assert_allclose(latents[eps], np.log(c / (1 - c)), atol=1e-4)
+    assert latents[0.05].min() == pytest.approx(np.log(0.05 / 0.95), abs=1e-5)
+    assert latents[1e-6].min() < np.log(0.05 / 0.95) - 1.0
+    for bad in (0.0, 0.5, -1e-3, 0.7, float("nan"), float("inf"), "x"):
+        with pytest.raises(ConfigError, match="--init-eps"):
+            _cfg(world, tmp_path / "x", init_eps=bad).validate()
+
+
+def test_role_learns_estimates_and_keeps_observed_positives(world, tmp_path, monkeypatch):
+    def no_cdul_update(self):
+        raise AssertionError("eq. 7-8 ran for role")
+
+    monkeypatch.setattr(Trainer, "_update_latent", no_cdul_update)
+    res = run_train(_cfg(world, tmp_path / "role", method="role", epochs=2, warmup=0), log=lambda s: None)
+    with LabelStore.open(tmp_path / "role" / "labels.cdul") as st:
+        init, latent, labels = (np.array(st.array(a)) for a in ("init", "latent", "labels"))
+    observed = init >= 0.5
+    latent0 = ref.labels_to_latent(torch.from_numpy(init)).numpy()
+    assert observed.any() and np.all(labels[observed] == 1.0)
+    np.testing.assert_array_equal(latent[observed], latent0[observed])  # never stepped
+    np.testing.assert_allclose(labels[~observed], torch.sigmoid(torch.from_numpy(latent[~observed])).numpy(),
+                               atol=1e-6)
+    assert np.mean(np.abs(latent[~observed] - latent0[~observed]) > 1e-3) > 0.9  # the estimates moved
+    assert res.history[2]["pseudo_map"] != res.history[0]["pseudo_map"]  # the history measures the estimates
+    assert res.history[-1]["test_map"] > 40.0
 
 
 @pytest.mark.parametrize("method", ["an", "ls", "epr"])
@@ -159,26 +257,29 @@ def _cli(world: dict, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(world, tmp_path_factory) -> Path:
+def uninterrupted(world, tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs per method, made on first use."""
+    return {}
+
+
+# cdul killed during the warm-up and after latent updates (from fixed eval-mode predictions) started; role mid-run
+@pytest.mark.parametrize("method, kill_at", [("cdul", 1), ("cdul", 3), ("role", 2)])
+def test_killed_and_resumed_run_matches_uninterrupted(world, tmp_path, tmp_path_factory, uninterrupted, method,
+                                                      kill_at):
     from cdul_fast.cli import main
 
-    whole = tmp_path_factory.mktemp("whole") / "run"
-    assert main(_cli(world, whole)) == 0
-    return whole
-
-
-@pytest.mark.parametrize("kill_at", [1, 3])  # during the warm-up, and after latent updates started
-def test_killed_and_resumed_run_matches_uninterrupted(world, tmp_path, uninterrupted, kill_at):
-    from cdul_fast.cli import main
-
-    whole, killed = uninterrupted, tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", _KILLER, *_cli(world, killed)],
+    flags = ["--method", method, "--pred-source", "eval"]
+    if method not in uninterrupted:
+        uninterrupted[method] = tmp_path_factory.mktemp("whole") / "run"
+        assert main(_cli(world, uninterrupted[method], *flags)) == 0
+    whole, killed = uninterrupted[method], tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _KILLER, *_cli(world, killed, *flags)],
                           env={**os.environ, "KILL_AT": str(kill_at)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr
     assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == kill_at
-    assert main(_cli(world, killed)) == 2  # not empty: refuses without --resume
-    assert main(_cli(world, killed, "--resume", "--lr", "0.001")) == 2  # different settings: refused
-    assert main(_cli(world, killed, "--resume")) == 0
+    assert main(_cli(world, killed, *flags)) == 2  # not empty: refuses without --resume
+    assert main(_cli(world, killed, *flags, "--resume", "--lr", "0.001")) == 2  # different settings: refused
+    assert main(_cli(world, killed, *flags, "--resume")) == 0
     a = load_state_dict_file(whole / "model.safetensors")
     b = load_state_dict_file(killed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -187,6 +288,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(world, tmp_path, uninterru
     assert strip == [line.rsplit(",", 1)[0] for line in (killed / "log.csv").read_text().splitlines()]
     with LabelStore.open(whole / "labels.cdul") as s1, LabelStore.open(killed / "labels.cdul") as s2:
         np.testing.assert_array_equal(s1.array("latent"), s2.array("latent"))
+        np.testing.assert_array_equal(s1.array("labels"), s2.array("labels"))
 
 
 # -------------------------------------------------------------------------------------------------- weights/config
@@ -246,7 +348,7 @@ def test_pretrained_tags_offline_fail_in_one_line(monkeypatch):
 
 def test_bad_configs_are_rejected(world, tmp_path):
     with pytest.raises(ConfigError, match="--method"):
-        _cfg(world, tmp_path / "x", method="role").validate()
+        _cfg(world, tmp_path / "x", method="rolex").validate()
     with pytest.raises(ConfigError, match="not empty"):
         (tmp_path / "full").mkdir()
         (tmp_path / "full" / "x").write_text("1")

@@ -24,7 +24,7 @@ import torch
 from ..errors import ConfigError, WeightsError
 
 ASSETS = Path(__file__).resolve().parents[1] / "shapes" / "assets"
-ALIASES = {"shapes-clip": ASSETS / "shapes-clip"}
+ALIASES = {"shapes-clip": ASSETS / "shapes-clip", "shapes20-clip": ASSETS / "shapes20-clip"}
 DEFAULT_TEMPLATE = "a photo of the {}"
 _TEXT_CHUNK = 1024  # prompts per text-encoder call (every class list of VOC, COCO and NUS-WIDE fits one)
 

@@ -18,6 +18,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "nus": (".nus", "load_nus"),
     "folder": (".folder", "load_folder"),
     "shapes": ("..shapes.world", "load_shapes"),
+    "shapes20": ("..shapes.world20", "load_shapes20"),
 }
 
 DEFAULT_SPLITS: dict[str, tuple[str, str]] = {
@@ -28,7 +29,9 @@ DEFAULT_SPLITS: dict[str, tuple[str, str]] = {
     "nus": ("train", "test"),
     "folder": ("all", "all"),
     "shapes": ("train", "test"),
+    "shapes20": ("train", "test"),
 }
+GENERATED = ("shapes", "shapes20")  # procedural worlds: generated on first use, no --root needed
 
 
 def list_datasets() -> list[str]:
@@ -45,7 +48,7 @@ def load_dataset(name: str, root: str | Path | None, split: str | None = None, *
     loader: Loader = getattr(importlib.import_module(module_name, __name__), func_name)
     if split is None:
         split = DEFAULT_SPLITS[name][0]
-    if root is None and name != "shapes":
+    if root is None and name not in GENERATED:
         raise DatasetError(f"dataset {name!r} needs --root (the folder holding its official layout)")
     return loader(Path(root) if root is not None else None, split, **options)
 
@@ -55,6 +58,7 @@ __all__ = [
     "NEGATIVE",
     "POSITIVE",
     "DEFAULT_SPLITS",
+    "GENERATED",
     "MultiLabelSet",
     "list_datasets",
     "load_dataset",

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from ..fsutil import atomic_write, write_text_atomic
 from ..views.geometry import OPENAI_MEAN, OPENAI_STD
-from .world import CLASSES, COLOURS, jpeg_roundtrip, render_single
+from .world import COLOURS, SHAPES12, World, jpeg_roundtrip
+from .world20 import SHAPES20
 
 MODEL_CFG = {
     "embed_dim": 64,
@@ -50,6 +51,8 @@ GRID = 3
 POOL_STREAM, HELD_OUT_STREAM = 7919, 104729  # separate RNG streams: held-out images never overlap training ones
 HELD_OUT = 600
 EVAL_N = {"train": 1000, "test": 500}  # the dataset's default split sizes
+WORLDS: dict[str, World] = {w.name: w for w in (SHAPES12, SHAPES20)}
+SHIPPED = {"shapes": "shapes-clip", "shapes20": "shapes20-clip"}  # the asset folder of each world's CLIP
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class ClipTrainConfig:
     pool: int = 6000
     seed: int = 0
     threads: int = 2
+    world: str = "shapes"
 
 
 def say(msg: str) -> None:
@@ -72,20 +76,20 @@ def say(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------------------ data
 
 
-def captions() -> tuple[list[str], np.ndarray]:
+def captions(world: World = SHAPES12) -> tuple[list[str], np.ndarray]:
     """All prompts (plain per class, then colour x class) and, per (class, colour), the two correct prompt indices."""
-    colours = list(COLOURS)
-    texts = [TEMPLATE.format(c) for c in CLASSES]
-    texts += [TEMPLATE.format(f"{k} {c}") for c in CLASSES for k in colours]
-    pos = np.zeros((len(CLASSES), len(colours), 2), dtype=np.int64)
-    for ci in range(len(CLASSES)):
+    colours, classes = list(COLOURS), world.classes
+    texts = [TEMPLATE.format(c) for c in classes]
+    texts += [TEMPLATE.format(f"{k} {c}") for c in classes for k in colours]
+    pos = np.zeros((len(classes), len(colours), 2), dtype=np.int64)
+    for ci in range(len(classes)):
         for ki in range(len(colours)):
-            pos[ci, ki] = (ci, len(CLASSES) + ci * len(colours) + ki)
+            pos[ci, ki] = (ci, len(classes) + ci * len(colours) + ki)
     return texts, pos
 
 
-def make_pool(n: int, seed: int, size: int = 64, stream: int = POOL_STREAM) -> tuple[torch.Tensor, np.ndarray,
-                                                                                      np.ndarray]:
+def make_pool(n: int, seed: int, size: int = 64, stream: int = POOL_STREAM,
+              world: World = SHAPES12) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """uint8 [n, 3, S, S] single-object images (drawn at 40-64 px, resized to S like a snippet is), classes, colours."""
     from PIL import Image
 
@@ -95,17 +99,18 @@ def make_pool(n: int, seed: int, size: int = 64, stream: int = POOL_STREAM) -> t
     cls = np.empty(n, dtype=np.int64)
     col = np.empty(n, dtype=np.int64)
     for i in range(n):
-        c = int(rng.integers(len(CLASSES)))
-        img, colour = render_single(rng, int(rng.choice([40, 48, 56, 64])), c)
+        c = int(rng.integers(len(world.classes)))
+        img, colour = world.render_single(rng, int(rng.choice([40, 48, 56, 64])), c)
         img = jpeg_roundtrip(img).resize((size, size), Image.Resampling.BICUBIC)
         imgs[i] = np.asarray(img).transpose(2, 0, 1)
         cls[i], col[i] = c, colours.index(colour)
     return torch.from_numpy(imgs), cls, col
 
 
-def held_out(n: int = HELD_OUT, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def held_out(n: int = HELD_OUT, seed: int = 0, world: World = SHAPES12) -> tuple[torch.Tensor, np.ndarray,
+                                                                                   np.ndarray]:
     """Single-object images for zero-shot accuracy, from their own RNG stream (disjoint from any training pool)."""
-    return make_pool(n, seed, stream=HELD_OUT_STREAM)
+    return make_pool(n, seed, stream=HELD_OUT_STREAM, world=world)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -150,9 +155,10 @@ def fit(cfg: ClipTrainConfig, log: Callable[[str], None] = say, log_every: int =
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     model, tok = build_model(cfg.seed)
-    texts, pos = captions()
+    world = WORLDS[cfg.world]
+    texts, pos = captions(world)
     tokens = tok(texts)
-    imgs, cls, col = make_pool(cfg.pool, cfg.seed)
+    imgs, cls, col = make_pool(cfg.pool, cfg.seed, world=world)
     log(f"data: {cfg.pool} single-object training images in {time.perf_counter() - t0:.0f}s")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = _schedule(opt, cfg.steps)
@@ -212,7 +218,7 @@ def train(out: Path, cfg: ClipTrainConfig = ClipTrainConfig(), measure: bool = T
         "sha256": sha256(out / WEIGHTS_NAME),
     }
     if measure:
-        info.update(evaluate_clip(out, log=log))
+        info.update(evaluate_clip(out, world=cfg.world, log=log))
     write_text_atomic(out / "train_info.json", json.dumps(info, indent=2) + "\n")
     return info
 
@@ -221,10 +227,11 @@ def train(out: Path, cfg: ClipTrainConfig = ClipTrainConfig(), measure: bool = T
 
 
 @torch.no_grad()
-def zero_shot_top1(model, tokenizer, imgs: torch.Tensor, cls: np.ndarray) -> float:
+def zero_shot_top1(model, tokenizer, imgs: torch.Tensor, cls: np.ndarray,
+                   classes: tuple[str, ...] = SHAPES12.classes) -> float:
     """Top-1 (%) of "a photo of the {class}" prompts on single-object images: does the CLIP know the classes."""
     model.eval()
-    txt = F.normalize(model.encode_text(tokenizer([TEMPLATE.format(c) for c in CLASSES])), dim=-1)
+    txt = F.normalize(model.encode_text(tokenizer([TEMPLATE.format(c) for c in classes])), dim=-1)
     hits = 0
     for i in range(0, len(imgs), 256):
         f = F.normalize(model.encode_image(_normalize(imgs[i:i + 256])), dim=-1)
@@ -273,7 +280,7 @@ def tune_zeta(cos: torch.Tensor, ds, logit_scale: float, zetas: tuple[float, ...
 
 
 def evaluate_clip(clip_dir: str | Path, root: str | Path | None = None, n_train: int = EVAL_N["train"],
-             n_test: int = EVAL_N["test"], zetas: tuple[float, ...] = ZETAS,
+             n_test: int = EVAL_N["test"], zetas: tuple[float, ...] = ZETAS, world: str = "shapes",
              log: Callable[[str], None] = say) -> dict:
     """Zero-shot top-1 on held-out single objects; zeta tuned on train; pseudo-label mAP per aggregator on test."""
     import tempfile
@@ -282,16 +289,18 @@ def evaluate_clip(clip_dir: str | Path, root: str | Path | None = None, n_train:
     from ..datasets import load_dataset
 
     clip = load_clip(str(clip_dir), None, device="cpu", precision="fp32")
-    imgs, cls, _ = held_out()
-    res: dict = {"zero_shot_top1": round(zero_shot_top1(clip.model, clip.tokenizer, imgs, cls), 2),
+    w = WORLDS[world]
+    imgs, cls, _ = held_out(world=w)
+    res: dict = {"world": world,
+                 "zero_shot_top1": round(zero_shot_top1(clip.model, clip.tokenizer, imgs, cls, w.classes), 2),
                  "zero_shot_images": len(cls), "grid": GRID, "lam": 1.0}
     log(f"zero-shot top-1 {res['zero_shot_top1']}%")
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(root) if root else Path(tmp) / "shapes"
+        base = Path(root) if root else Path(tmp) / world
         t0 = time.perf_counter()
-        train_ds = load_dataset("shapes", base, "train", n=n_train)
+        train_ds = load_dataset(world, base, "train", n=n_train)
         zeta, per_zeta = tune_zeta(view_cosines(clip, train_ds), train_ds, clip.logit_scale, zetas)
-        test_ds = load_dataset("shapes", base, "test", n=n_test)
+        test_ds = load_dataset(world, base, "test", n=n_test)
         test_cos = view_cosines(clip, test_ds)
         res.update(zeta=zeta, zeta_tuning={"split": "train", "images": n_train, "cdul_map": per_zeta},
                    test_images=n_test, map=map_per_aggregator(test_cos, test_ds, clip.logit_scale, zeta),
@@ -306,10 +315,14 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train", help="train the tiny CLIP from scratch and measure it")
     t.add_argument("--out", required=True, help="folder for open_clip_config.json, weights and train_info.json")
     for name, value in asdict(ClipTrainConfig()).items():
-        t.add_argument(f"--{name}", type=type(value), default=value)
+        if name == "world":
+            t.add_argument("--world", choices=sorted(WORLDS), default=value, help="the world to train on")
+        else:
+            t.add_argument(f"--{name}", type=type(value), default=value)
     t.add_argument("--no-eval", action="store_true", help="skip the quality metrics (faster)")
     e = sub.add_parser("eval", help="zero-shot accuracy and pseudo-label mAP of a trained CLIP folder")
-    e.add_argument("--clip", default=str(Path(__file__).parent / "assets" / "shapes-clip"))
+    e.add_argument("--clip", default=None, help="CLIP folder (default: the shipped one of --world)")
+    e.add_argument("--world", choices=sorted(WORLDS), default="shapes", help="the world to measure on")
     e.add_argument("--root", default=None, help="shapes dataset root (default: a temporary folder)")
     e.add_argument("--n-train", type=int, default=EVAL_N["train"])
     e.add_argument("--n-test", type=int, default=EVAL_N["test"])
@@ -321,9 +334,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = ClipTrainConfig(**{k: getattr(args, k) for k in asdict(ClipTrainConfig())})
         info = train(Path(args.out), cfg, measure=not args.no_eval)
     else:
-        info = evaluate_clip(args.clip, args.root, args.n_train, args.n_test, tuple(args.zeta))
+        clip_dir = args.clip or str(Path(__file__).parent / "assets" / SHIPPED[args.world])
+        info = evaluate_clip(clip_dir, args.root, args.n_train, args.n_test, tuple(args.zeta), args.world)
         if args.update_info:
-            path = Path(args.clip) / "train_info.json"
+            path = Path(clip_dir) / "train_info.json"
             info = {**json.loads(path.read_text(encoding="utf-8")), **info}
             write_text_atomic(path, json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))

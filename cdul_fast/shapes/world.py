@@ -14,6 +14,8 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,15 @@ _POLYGONS = {
     "hexagon": _regular(6, phase=0.0),
     "diamond": [(0, -1), (0.58, 0), (0, 1), (-0.58, 0)],
     "bowtie": [(-1, -0.75), (0, -0.12), (1, -0.75), (1, 0.75), (0, 0.12), (-1, 0.75)],
+    # glyphs of the 20-class world (world20.py); the twelve above are unchanged, so the 12-class world's bytes are too
+    "pentagon": _regular(5),
+    "chevron": [(-1, -0.75), (0, 0.05), (1, -0.75), (1, -0.05), (0, 0.75), (-1, -0.05)],
+    "bolt": [(0.25, -1), (-0.65, 0.12), (-0.05, 0.12), (-0.3, 1), (0.65, -0.18), (0.05, -0.18)],
+    "trapezoid": [(-0.45, -0.6), (0.45, -0.6), (1, 0.6), (-1, 0.6)],
+    "tee": [(-1, -0.95), (1, -0.95), (1, -0.45), (0.25, -0.45), (0.25, 1), (-0.25, 1), (-0.25, -0.45),
+            (-1, -0.45)],
+    "drop": [(0, -1)] + [(0.62 * math.cos(a), 0.3 + 0.62 * math.sin(a))
+                         for a in (math.pi * (k / 24 - 0.25) for k in range(37))],
 }
 
 
@@ -89,6 +100,13 @@ def glyph_mask(name: str, side: int, angle: float) -> Image.Image:
     elif name == "crescent":
         d.ellipse([c - r, c - r, c + r, c + r], fill=255)
         d.ellipse([c - r * 0.55, c - r * 1.05, c + r * 1.25, c + r * 0.75], fill=0)
+    elif name == "semicircle":
+        d.pieslice([c - r, c - r * 0.6, c + r, c + r * 1.4], 180, 360, fill=255)
+    elif name == "flower":
+        p = r * 0.36
+        for x, y in _regular(5, r=r * 0.62):
+            d.ellipse([c + x - p, c + y - p, c + x + p, c + y + p], fill=255)
+        d.ellipse([c - p, c - p, c + p, c + p], fill=255)
     else:
         d.polygon([(c + x * r, c + y * r) for x, y in _POLYGONS[name]], fill=255)
     if angle:
@@ -171,50 +189,69 @@ def jpeg_roundtrip(img: Image.Image, quality: int = 90) -> Image.Image:
 # ------------------------------------------------------------------------------------------------------- the split
 
 
-def _options(split: str, options: dict) -> dict:
+@dataclass(frozen=True)
+class World:
+    """A procedural world: its classes, generator version and renderers. The split machinery below (options,
+    generation into a temporary folder, manifest checks) is shared by every world."""
+
+    name: str
+    classes: tuple[str, ...]
+    version: int
+    defaults: dict
+    objects: str
+    render_single: Callable[[np.random.Generator, int, int], tuple[Image.Image, str]]
+    render_multi: Callable[[np.random.Generator, int, int], tuple[Image.Image, np.ndarray, list[dict]]]
+
+
+SHAPES12 = World("shapes", CLASSES, GENERATOR_VERSION, DEFAULTS, "2-4", render_single, render_multi)
+
+
+def _options(split: str, options: dict, world: World = SHAPES12) -> dict:
     """Validated, canonical options (ints, objects as "lo-hi"): options may arrive as strings from the CLI."""
+    w = world.name
     if split not in SPLITS:
-        raise DatasetError(f"shapes: unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    opts = dict(DEFAULTS[split], seed=0, objects="2-4")
+        raise DatasetError(f"{w}: unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    opts = dict(world.defaults[split], seed=0, objects=world.objects)
     unknown = sorted(set(options) - set(opts))
     if unknown:
-        raise DatasetError(f"shapes: unknown option(s) {', '.join(unknown)}; valid: n, size, seed, objects")
+        raise DatasetError(f"{w}: unknown option(s) {', '.join(unknown)}; valid: n, size, seed, objects")
     opts.update(options)
     try:
         opts["n"], opts["size"], opts["seed"] = int(opts["n"]), int(opts["size"]), int(opts["seed"])
         lo, hi = (int(v) for v in str(opts["objects"]).split("-")) if "-" in str(opts["objects"]) else \
             (int(opts["objects"]),) * 2
     except (TypeError, ValueError) as exc:
-        raise DatasetError(f"shapes: bad option value ({exc}); n, size, seed are integers, objects is like 2-4") \
+        raise DatasetError(f"{w}: bad option value ({exc}); n, size, seed are integers, objects is like 2-4") \
             from exc
     if opts["n"] < 1 or opts["size"] < 32:
-        raise DatasetError(f"shapes: n must be >= 1 and size >= 32 (got n={opts['n']}, size={opts['size']})")
-    if not 1 <= lo <= hi <= len(CLASSES):
-        raise DatasetError(f"shapes: objects must be like 2-4 within 1..{len(CLASSES)}, got {opts['objects']}")
+        raise DatasetError(f"{w}: n must be >= 1 and size >= 32 (got n={opts['n']}, size={opts['size']})")
+    if not 1 <= lo <= hi <= len(world.classes):
+        raise DatasetError(f"{w}: objects must be like 2-4 within 1..{len(world.classes)}, got {opts['objects']}")
     opts["objects"] = f"{lo}-{hi}"
     return opts
 
 
-def _generate(split: str, opts: dict, target: Path) -> dict:
+def _generate(split: str, opts: dict, target: Path, world: World = SHAPES12) -> dict:
     """Write the split's JPEGs and manifest into ``target`` (a fresh folder)."""
-    rng = np.random.default_rng([opts["seed"], _SPLIT_SEED[split], GENERATOR_VERSION])
+    rng = np.random.default_rng([opts["seed"], _SPLIT_SEED[split], world.version])
     lo, hi = (int(v) for v in opts["objects"].split("-"))
+    n_cls = len(world.classes)
     ids, labels, captions, objects = [], [], [], []
     for i in range(opts["n"]):
         name = f"{split}_{i:06d}.jpg"
         if split == "captions":
-            cls = i % len(CLASSES)
-            img, colour = render_single(rng, opts["size"], cls)
-            row = np.full(len(CLASSES), NEGATIVE, dtype=np.int8)
+            cls = i % n_cls
+            img, colour = world.render_single(rng, opts["size"], cls)
+            row = np.full(n_cls, NEGATIVE, dtype=np.int8)
             row[cls] = POSITIVE
-            captions.append(f"{colour} {CLASSES[cls]}")
+            captions.append(f"{colour} {world.classes[cls]}")
         else:
-            img, row, objs = render_multi(rng, opts["size"], int(rng.integers(lo, hi + 1)))
+            img, row, objs = world.render_multi(rng, opts["size"], int(rng.integers(lo, hi + 1)))
             objects.append(objs)
         img.save(target / name, format="JPEG", quality=90)
         ids.append(name)
         labels.append(row.tolist())
-    manifest = {"generator": GENERATOR_VERSION, "split": split, "options": opts, "class_names": list(CLASSES),
+    manifest = {"generator": world.version, "split": split, "options": opts, "class_names": list(world.classes),
                 "ids": ids, "labels": labels}
     if captions:
         manifest["captions"] = captions
@@ -224,13 +261,13 @@ def _generate(split: str, opts: dict, target: Path) -> dict:
     return manifest
 
 
-def default_root() -> Path:
-    """``$CDUL_FAST_CACHE/shapes`` or ``~/.cache/cdul-fast/shapes``: the world needs no --root."""
+def default_root(name: str = "shapes") -> Path:
+    """``$CDUL_FAST_CACHE/<world>`` or ``~/.cache/cdul-fast/<world>``: a world needs no --root."""
     base = os.environ.get("CDUL_FAST_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "cdul-fast") / "shapes"
+    return (Path(base) if base else Path.home() / ".cache" / "cdul-fast") / name
 
 
-def _current_manifest(man_path: Path, opts: dict) -> dict | None:
+def _current_manifest(man_path: Path, opts: dict, world: World = SHAPES12) -> dict | None:
     """The manifest at ``man_path`` if it was made by this generator with ``opts``; None means regenerate."""
     if not man_path.is_file():
         return None
@@ -238,18 +275,19 @@ def _current_manifest(man_path: Path, opts: dict) -> dict | None:
         man = json.loads(man_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    ok = man.get("generator") == GENERATOR_VERSION and man.get("options") == opts
+    ok = (man.get("generator") == world.version and man.get("options") == opts
+          and man.get("class_names") == list(world.classes))
     return man if ok else None
 
 
-def ensure_split(root: Path, split: str, opts: dict) -> dict:
+def ensure_split(root: Path, split: str, opts: dict, world: World = SHAPES12) -> dict:
     """The split's manifest, generating the split first when it is missing or was made with other options.
 
     Generation happens in a hidden temporary folder that is renamed into place only when complete (its manifest is
     written last), so an interrupted run leaves either the previous split or none, never a partial one.
     """
     folder = root / split
-    man = _current_manifest(folder / "manifest.json", opts)
+    man = _current_manifest(folder / "manifest.json", opts, world)
     if man is not None:
         return man
     root.mkdir(parents=True, exist_ok=True)
@@ -258,7 +296,7 @@ def ensure_split(root: Path, split: str, opts: dict) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        man = _generate(split, opts, tmp)
+        man = _generate(split, opts, tmp, world)
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
@@ -271,12 +309,17 @@ def ensure_split(root: Path, split: str, opts: dict) -> dict:
     return man
 
 
-def load_shapes(root: Path | None, split: str, **options: object) -> MultiLabelSet:
-    """The ``split`` of the shapes world under ``root`` (default ~/.cache/cdul-fast/shapes), generated if needed."""
-    opts = _options(split, options)
-    base = Path(root) if root is not None else default_root()
-    man = ensure_split(base, split, opts)
+def load_world(world: World, root: Path | None, split: str, **options: object) -> MultiLabelSet:
+    """The ``split`` of ``world`` under ``root`` (default ~/.cache/cdul-fast/<world>), generated if needed."""
+    opts = _options(split, options, world)
+    base = Path(root) if root is not None else default_root(world.name)
+    man = ensure_split(base, split, opts, world)
     folder = base / split
-    return MultiLabelSet(name="shapes", split=split, root=base, class_names=CLASSES,
+    return MultiLabelSet(name=world.name, split=split, root=base, class_names=world.classes,
                          paths=tuple(folder / i for i in man["ids"]), ids=tuple(f"{split}/{i}" for i in man["ids"]),
                          labels=np.asarray(man["labels"], dtype=np.int8))
+
+
+def load_shapes(root: Path | None, split: str, **options: object) -> MultiLabelSet:
+    """The 12-class shapes world (``--dataset shapes``)."""
+    return load_world(SHAPES12, root, split, **options)

@@ -1,10 +1,12 @@
 """`cdul-fast train`: the gradient-alignment stage (paper section 3.2, supplement 6.2) and the baselines.
 
-Each epoch trains the network on fixed pseudo labels y_u = sigmoid(latent) with the KL loss, collecting its
-predictions y_p for every training image; after ``warmup`` epochs the whole latent matrix is then updated once with
-the psi-weighted step of eq. 7-8 (a fused kernel over the memory-mapped run store). Checkpoints are atomic and hold
-everything a resumed run needs (model, optimizer, scheduler, RNG, the latent matrix, the log), so a run killed at
-any point and resumed ends with the same numbers as an uninterrupted one on CPU.
+Each epoch trains the network on fixed pseudo labels y_u = sigmoid(latent) with the KL loss; after ``warmup`` epochs
+the predictions y_p of every training image are fixed (``pred_source`` eval: one pass of the trained network in eval
+mode, paper 3.2; train: the sigmoids collected during the training pass) and the whole latent matrix is updated once
+with the psi-weighted step of eq. 7-8 (a fused kernel over the memory-mapped run store). The ROLE baseline instead
+learns label estimates online: every batch also takes an SGD step on its rows of the latent matrix. Checkpoints are
+atomic and hold everything a resumed run needs (model, optimizer, scheduler, RNG, the latent matrix, the log), so a
+run killed at any point and resumed ends with the same numbers as an uninterrupted one on CPU.
 
 Run folder: config.yaml, labels.cdul (arrays init/latent/labels/pred), checkpoint.pt, model.safetensors +
 model.json (for export), log.csv, curves.png.
@@ -25,7 +27,17 @@ import numpy as np
 import torch
 
 from .._backend import resolve_device
-from ..config import BACKENDS, CACHE_MODES, METHODS, SCHEDULERS, SEED_MAX, TARGETS, check_choice, check_number
+from ..config import (
+    BACKENDS,
+    CACHE_MODES,
+    METHODS,
+    PRED_SOURCES,
+    SCHEDULERS,
+    SEED_MAX,
+    TARGETS,
+    check_choice,
+    check_number,
+)
 from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
 from ..errors import ConfigError, StoreError, WeightsError
 from ..evaluate import average_precision
@@ -36,7 +48,7 @@ from ..store.label_store import DONE, LabelStore
 from ..views.square import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits, normalize
 from .checkpoint import load_checkpoint, save_atomic, save_safetensors_atomic
 from .classifier import build_classifier
-from .losses import bce_loss, epr_loss, kl_loss, smoothed_bce_loss
+from .losses import bce_loss, epr_loss, kl_loss, role_estimates, role_losses, smoothed_bce_loss
 
 CKPT_VERSION = 1
 
@@ -70,6 +82,9 @@ class TrainConfig:
     sigma: float = 0.2
     c2: float | None = None
     label_lr: float = 1.0
+    pred_source: str = "eval"
+    init_eps: float = 1e-6
+    role_lr: float = 1.0
     smoothing: float = 0.1
     epr_weight: float = 1.0
     flip: bool = True
@@ -88,20 +103,25 @@ class TrainConfig:
         check_choice("--scheduler", self.scheduler, SCHEDULERS)
         check_choice("--cache-images", self.cache_images, CACHE_MODES)
         check_choice("--backend", self.backend, BACKENDS)
+        check_choice("--pred-source", self.pred_source, PRED_SOURCES)
         if self.epochs < 1 or self.warmup < 0:
             raise ConfigError(f"--epochs must be >= 1 and --warmup >= 0 (got {self.epochs}, {self.warmup})")
         if self.batch_size < 1 or self.image_size < 8:
             raise ConfigError(f"--batch-size must be >= 1 and --image-size >= 8 (got {self.batch_size}, "
                               f"{self.image_size})")
-        if not self.lr > 0 or not self.label_lr > 0 or not self.sigma > 0:
-            raise ConfigError("--lr, --label-lr and --sigma must be > 0")
+        if not self.lr > 0 or not self.label_lr > 0 or not self.role_lr > 0 or not self.sigma > 0:
+            raise ConfigError("--lr, --label-lr, --role-lr and --sigma must be > 0")
         if not 0.0 < self.hard_threshold < 1.0:
             raise ConfigError(f"--hard-threshold must be in (0, 1), got {self.hard_threshold}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        for flag, value in (("--lr", self.lr), ("--label-lr", self.label_lr), ("--sigma", self.sigma),
-                            ("--weight-decay", self.weight_decay), ("--epr-weight", self.epr_weight)):
+        for flag, value in (("--lr", self.lr), ("--label-lr", self.label_lr), ("--role-lr", self.role_lr),
+                            ("--sigma", self.sigma), ("--weight-decay", self.weight_decay),
+                            ("--epr-weight", self.epr_weight)):
             check_number(flag, value, lo=0.0)
+        check_number("--init-eps", self.init_eps)
+        if not 0.0 < self.init_eps < 0.5:
+            raise ConfigError(f"--init-eps must be in (0, 0.5), got {self.init_eps}")
         check_number("--c1", self.c1)
         check_number("--c2", self.c2, optional=True)
         check_number("--smoothing", self.smoothing, lo=0.0, hi=0.5)
@@ -111,7 +131,13 @@ class TrainConfig:
 
     @property
     def updates_labels(self) -> bool:
+        """Whether eq. 7-8 updates the latent matrix (cdul only)."""
         return self.method == "cdul" and self.update_labels
+
+    @property
+    def moves_labels(self) -> bool:
+        """Whether the run store's ``labels`` change during training: cdul's latent updates or ROLE's estimates."""
+        return self.updates_labels or self.method == "role"
 
     @property
     def psi_c2(self) -> float:
@@ -121,7 +147,8 @@ class TrainConfig:
         """Settings a resumed run must share with the run it continues."""
         keep = ("labels_array", "arch", "pretrained", "image_size", "epochs", "warmup", "batch_size", "lr",
                 "weight_decay", "scheduler", "method", "targets", "hard_threshold", "update_labels", "psi", "c1",
-                "sigma", "c2", "label_lr", "smoothing", "epr_weight", "flip", "seed")
+                "sigma", "c2", "label_lr", "pred_source", "init_eps", "role_lr", "smoothing", "epr_weight", "flip",
+                "seed")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -168,11 +195,12 @@ def _epoch_order(seed: int, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, t
 # --------------------------------------------------------------------------------------------------------- run store
 
 
-def _create_run_store(path: Path, src: LabelStore, array: str, meta: dict) -> LabelStore:
+def _create_run_store(path: Path, src: LabelStore, array: str, meta: dict, eps: float) -> LabelStore:
+    """init = the source's pseudo labels, latent = logit(clamp(init, eps, 1 - eps)), labels = init."""
     init = np.array(src.array(array), dtype=np.float32)  # a private copy: the source store is mapped read-only
     st = LabelStore.create(path, class_names=src.class_names, rows=src.rows,
                            arrays=["init", "latent", "labels", "pred"], meta=meta, overwrite=True)
-    latent = labels_to_latent(torch.from_numpy(init)).numpy()
+    latent = labels_to_latent(torch.from_numpy(init), eps).numpy()
     st.write(0, {"init": init, "latent": latent, "labels": init, "pred": np.zeros_like(init)})
     st.flush()
     return st
@@ -269,7 +297,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         save_yaml_atomic(asdict(cfg), self.out / "config.yaml")
         meta = {"kind": "cdul-train", "source": str(Path(cfg.labels).resolve()), "array": cfg.labels_array}
-        self.store = _create_run_store(self.out / "labels.cdul", src, cfg.labels_array, meta)
+        self.store = _create_run_store(self.out / "labels.cdul", src, cfg.labels_array, meta, cfg.init_eps)
 
     def _load_checkpoint(self) -> dict:
         """Read and check the checkpoint and load model, optimizer, scheduler and RNG from it (nothing on disk is
@@ -335,7 +363,7 @@ class Trainer:
         self.model.train()
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc. depend on (seed, epoch) only, as data order does
         order, gen = _epoch_order(cfg.seed, epoch, self.rows)
-        pred = self.store.array("pred")
+        pred = self.store.array("pred") if cfg.pred_source == "train" else None
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         total, n = 0.0, 0
         bar = tqdm(total=order.size, unit="img", desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
@@ -345,14 +373,17 @@ class Trainer:
             if cfg.flip:
                 flip = torch.rand(x.shape[0], generator=gen) < 0.5
                 x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
-            y = self._targets(rows)
             with autocast:
                 logits = self.model(x)
-            loss = self._loss(logits.float(), y)
+            if cfg.method == "role":
+                loss = self._role_step(rows, logits.float())
+            else:
+                loss = self._loss(logits.float(), self._targets(rows))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            pred[rows] = torch.sigmoid(logits.detach().float()).cpu().numpy()
+            if pred is not None:
+                pred[rows] = torch.sigmoid(logits.detach().float()).cpu().numpy()
             total += float(loss.detach()) * len(rows)
             n += len(rows)
             bar.update(len(rows))
@@ -362,7 +393,25 @@ class Trainer:
                              f"could be decoded in epoch {epoch}: there is nothing to train on")
         if self.sched is not None:
             self.sched.step()
+        if cfg.method == "role":
+            self.store.flush()
         return total / n
+
+    def _role_step(self, rows: np.ndarray, logits: torch.Tensor) -> torch.Tensor:
+        """ROLE's label-estimator step on this batch's rows of theta (the run store's ``latent``): plain SGD, so the
+        only state is theta itself (checkpointed); returns the network's loss. The gradient is that of the per-entry
+        loss (loss_y summed over the B x C entries), so ``role_lr`` does not depend on batch size or class count."""
+        cfg = self.cfg
+        latent, labels = self.store.array("latent"), self.store.array("labels")
+        theta = torch.from_numpy(np.asarray(latent[rows])).to(self.device).requires_grad_(True)
+        observed = torch.from_numpy(np.asarray(self.store.array("init"))[rows] >= cfg.hard_threshold).to(self.device)
+        loss_f, loss_y = role_losses(logits, theta, observed, self.expected_pos, cfg.epr_weight)
+        (grad,) = torch.autograd.grad(loss_y, theta)
+        with torch.no_grad():
+            theta = theta - cfg.role_lr * theta.numel() * grad
+            latent[rows] = theta.cpu().numpy()
+            labels[rows] = role_estimates(theta, observed).cpu().numpy()
+        return loss_f
 
     def _update_latent(self) -> None:
         """Eq. 7-8 over the whole matrix at once: the fused kernel streams the memory-mapped arrays in place."""
@@ -380,20 +429,37 @@ class Trainer:
             latent[self.rows], labels[self.rows] = lat, lab
         self.store.flush()
 
+    def _fix_predictions(self, epoch: int) -> None:
+        """Y_p of eq. 7 from the network as this epoch left it, held fixed (paper 3.2: "when the training is done,
+        we fix the predicted labels"): eval mode, no flips, over the trained rows, into the run store's ``pred``."""
+        self._infer(self.train_imgs, self.rows, self.store.array("pred"), f"predict {epoch}/{self.cfg.epochs}")
+        self._drop_undecodable()  # a streamed image that failed now has no prediction: it leaves the update
+
     @torch.inference_mode()
-    def predict(self, imgs: ImageTensors, n: int) -> np.ndarray:
+    def _infer(self, imgs: ImageTensors, rows: np.ndarray, out: np.ndarray, desc: str) -> None:
+        """Sigmoid outputs of the network in eval mode for ``rows`` (decodable ones) into ``out[rows]``."""
+        from tqdm import tqdm
+
         self.model.eval()
-        out = np.zeros((n, len(self.classes)), dtype=np.float32)
-        for rows, x in imgs.batches(np.arange(n), max(self.cfg.batch_size, 64)):
+        bar = tqdm(total=rows.size, unit="img", desc=desc, disable=not self.cfg.progress, file=sys.stderr,
+                   dynamic_ncols=True, leave=False)
+        for r, x in imgs.batches(rows, max(self.cfg.batch_size, 64)):
             x = normalize(x.to(self.device), IMAGENET_MEAN, IMAGENET_STD)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out[rows] = torch.sigmoid(self.model(x).float()).cpu().numpy()
+                out[r] = torch.sigmoid(self.model(x).float()).cpu().numpy()
+            bar.update(len(r))
+        bar.close()
+
+    def predict(self, imgs: ImageTensors, n: int) -> np.ndarray:
+        """Scores of the first ``n`` images of ``imgs`` (zero rows for images that fail to decode)."""
+        out = np.zeros((n, len(self.classes)), dtype=np.float32)
+        self._infer(imgs, np.arange(n), out, "predict")
         return out
 
     def _metrics(self, epoch: int, loss: float, seconds: float) -> dict:
         row: dict = {"epoch": epoch, "train_loss": loss, "seconds": round(seconds, 3)}
         if self.train_ds.labels is not None and self.rows.size:
-            labels = np.asarray(self.store.array("labels" if self.cfg.updates_labels else "init"))
+            labels = np.asarray(self.store.array("labels" if self.cfg.moves_labels else "init"))
             row["pseudo_map"] = _map(labels[self.rows], self.train_ds.labels[self.rows])
         if self.test_ds is not None and self.test_imgs is not None:
             scores = self.predict(self.test_imgs, len(self.test_ds))
@@ -426,7 +492,8 @@ class Trainer:
             init = self._metrics(0, float("nan"), 0.0)
             init.pop("test_map", None)
             self.history.append(init)
-        updates = f", latent updates after epoch {cfg.warmup}" if cfg.updates_labels else ""
+        updates = (f", latent updates after epoch {cfg.warmup}" if cfg.updates_labels
+                   else ", online label estimates" if cfg.method == "role" else "")
         self.log(f"training {cfg.arch} ({cfg.method}{updates}) "
                  f"on {self.rows.size} images of {self.train_ds.name}/{self.train_ds.split}, {len(self.classes)} "
                  f"classes, {self.device} -> {self.out}")
@@ -435,6 +502,8 @@ class Trainer:
             loss = self._train_epoch(epoch)
             self._drop_undecodable()
             if cfg.updates_labels and epoch > cfg.warmup:
+                if cfg.pred_source == "eval":
+                    self._fix_predictions(epoch)
                 self._update_latent()
             row = self._metrics(epoch, loss, time.perf_counter() - te)
             self.history.append(row)
