@@ -52,13 +52,17 @@ def test_ground_truth_counts_and_class_coverage(tmp_path):
 def test_every_labelled_object_is_drawn_in_its_box(seed):
     """Against the same background (same RNG draws), each object's box changes and nothing outside the boxes does."""
     img, labels, objects = render_multi(np.random.default_rng(seed), 128, 4)
-    background = _background(np.random.default_rng(seed), 128)
+    _assert_drawn_in_boxes(img, _background(np.random.default_rng(seed), 128), labels, objects, cover=0.15)
+
+
+def _assert_drawn_in_boxes(img, background, labels, objects, cover: float) -> None:
+    """Each object changes at least ``cover`` of its box; nothing outside the boxes differs from the background."""
     diff = np.abs(np.asarray(img, np.int16) - np.asarray(background, np.int16)).max(-1)
     assert int((labels == 1).sum()) == len(objects) == 4
     outside = np.ones_like(diff, dtype=bool)
     for o in objects:
         x0, y0, x1, y1 = o["box"]
-        assert (diff[y0:y1, x0:x1] > 30).mean() > 0.15, o  # a glyph covers a good part of its box
+        assert (diff[y0:y1, x0:x1] > 30).mean() > cover, o  # a glyph covers a good part of its box
         outside[y0:y1, x0:x1] = False
     assert diff[outside].max() == 0
 
@@ -226,15 +230,7 @@ def test_shapes20_objects_are_drawn_in_their_boxes(seed):
     from cdul_fast.shapes.world20 import _scene_background, render_scene
 
     img, labels, objects = render_scene(np.random.default_rng(seed), 128, 4)
-    background = _scene_background(np.random.default_rng(seed), 128)
-    diff = np.abs(np.asarray(img, np.int16) - np.asarray(background, np.int16)).max(-1)
-    assert int((labels == 1).sum()) == len(objects) == 4
-    outside = np.ones_like(diff, dtype=bool)
-    for o in objects:
-        x0, y0, x1, y1 = o["box"]
-        assert (diff[y0:y1, x0:x1] > 30).mean() > 0.1, o
-        outside[y0:y1, x0:x1] = False
-    assert diff[outside].max() == 0
+    _assert_drawn_in_boxes(img, _scene_background(np.random.default_rng(seed), 128), labels, objects, cover=0.1)
 
 
 def test_the_two_worlds_are_separate_datasets(tmp_path, monkeypatch):
