@@ -73,11 +73,12 @@ def run_world(world: str, seeds: int, images: int, zetas: tuple[float, ...], tmp
         ds = load_dataset(world, tmp / world, "train", n=images, seed=seed)
         cos = view_cosines(clip, ds)
         for zeta in zetas:
+            diag = diagnose(cos, ds.labels, clip.logit_scale, zeta)  # depends on zeta only
             for lam in LAMS:
                 res = cdul_aggregate(cos, clip.logit_scale, zeta, lam, AGGREGATORS)
                 maps = {k: evaluate_scores(v.numpy(), ds).map * 100 for k, v in res.items()}
                 rows.append({"world": world, "seed": seed, "images": images, "zeta": zeta, "lam": lam, **maps,
-                             **diagnose(cos, ds.labels, clip.logit_scale, zeta)})
+                             **diag})
         print(f"{world} seed {seed}: {len(ds)} images in {time.perf_counter() - t0:.0f} s", flush=True)
     return rows
 
