@@ -134,6 +134,7 @@ def test_aggregator_choice_changes_final(tmp_path, image_folder, clip):
 _SIGNALLER = """
 import os, signal, sys
 import cdul_fast.label.pipeline as L
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a job started with `&` ignores SIGINT
 count = {"n": 0}
 orig = L._write_runs
 def signalled(store, rows, values):
