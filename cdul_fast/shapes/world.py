@@ -206,7 +206,7 @@ class World:
 SHAPES12 = World("shapes", CLASSES, GENERATOR_VERSION, DEFAULTS, "2-4", render_single, render_multi)
 
 
-def _options(split: str, options: dict, world: World = SHAPES12) -> dict:
+def _options(split: str, options: dict, world: World) -> dict:
     """Validated, canonical options (ints, objects as "lo-hi"): options may arrive as strings from the CLI."""
     w = world.name
     if split not in SPLITS:
@@ -231,7 +231,7 @@ def _options(split: str, options: dict, world: World = SHAPES12) -> dict:
     return opts
 
 
-def _generate(split: str, opts: dict, target: Path, world: World = SHAPES12) -> dict:
+def _generate(split: str, opts: dict, target: Path, world: World) -> dict:
     """Write the split's JPEGs and manifest into ``target`` (a fresh folder)."""
     rng = np.random.default_rng([opts["seed"], _SPLIT_SEED[split], world.version])
     lo, hi = (int(v) for v in opts["objects"].split("-"))
@@ -261,13 +261,13 @@ def _generate(split: str, opts: dict, target: Path, world: World = SHAPES12) -> 
     return manifest
 
 
-def default_root(name: str = "shapes") -> Path:
+def default_root(name: str) -> Path:
     """``$CDUL_FAST_CACHE/<world>`` or ``~/.cache/cdul-fast/<world>``: a world needs no --root."""
     base = os.environ.get("CDUL_FAST_CACHE")
     return (Path(base) if base else Path.home() / ".cache" / "cdul-fast") / name
 
 
-def _current_manifest(man_path: Path, opts: dict, world: World = SHAPES12) -> dict | None:
+def _current_manifest(man_path: Path, opts: dict, world: World) -> dict | None:
     """The manifest at ``man_path`` if it was made by this generator with ``opts``; None means regenerate."""
     if not man_path.is_file():
         return None
@@ -280,7 +280,7 @@ def _current_manifest(man_path: Path, opts: dict, world: World = SHAPES12) -> di
     return man if ok else None
 
 
-def ensure_split(root: Path, split: str, opts: dict, world: World = SHAPES12) -> dict:
+def ensure_split(root: Path, split: str, opts: dict, world: World) -> dict:
     """The split's manifest, generating the split first when it is missing or was made with other options.
 
     Generation happens in a hidden temporary folder that is renamed into place only when complete (its manifest is
