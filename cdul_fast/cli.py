@@ -1,4 +1,4 @@
-"""The `cdul-fast` command line: label, rescore, eval, train, export, predict, tags, demo.
+"""The `cdul-fast` command line: label, rescore, eval, train, export, predict, tags, report, demo.
 
 Every flag is documented in --help with its default. Errors a user can fix print one line and exit 2; a
 traceback appears only with --debug.
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--workers", type=int, help="image decode workers")
     f.add("--cache-images", choices=CACHE_MODES, help="keep decoded training images in RAM")
     f.add("--seed", type=int, help="seed (data order, augmentation, initialization)")
+    f.add("--keep-epochs", action="store_true",
+          help="also keep the weights after every epoch (epochs/epoch_NNN.safetensors in the run folder), so "
+               "`cdul-fast report` can show class activation maps over epochs (paper Fig. 6)")
     f.add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     f.add("--overwrite", action="store_true", help="start over in a non-empty run folder")
     f.add("--no-progress", action="store_true", help="no progress bars", key="no_progress")
@@ -295,15 +298,48 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--allow-incomplete", action="store_true", help="tag the rows labelled so far of an unfinished store")
     tg.set_defaults(func=cmd_tags)
 
+    rp = sub.add_parser("report", help="one HTML page of a run or label store: curves, per-class AP, tags, CAMs",
+                        description="Write a self-contained HTML page (every picture inlined; opens offline) about a "
+                                    "training run or a label store: settings, loss and mAP per epoch, per-class AP "
+                                    "(with ground truth) or score statistics, CLIP's global vs snippet score "
+                                    "distributions (paper Fig. 4), a gallery with the top tags, Grad-CAMs of the "
+                                    "classifier's top classes (Fig. 5), the same images over epochs when the run kept "
+                                    "them (train --keep-epochs; Fig. 6) and the eval --sweep heat map when one "
+                                    "exists. Prints the page's path.")
+    f = _Flags(rp, "report")
+    rp.add_argument("source", metavar="RUN_OR_STORE",
+                    help="a run folder of `cdul-fast train` or a label store (.cdul) of `label`/`rescore`")
+    f.add("--out", "-o", help="folder to write index.html into (default: RUN/report/ or STORE.report/)")
+    f.add("--dataset", help="label stores: dataset in its official layout (default: the one the store records)")
+    f.add("--root", help="the dataset's folder, when it moved (runs and stores)")
+    f.add("--split", help="runs: the split shown and evaluated (default: the run's test split); stores: the split "
+                          "the store was labelled from")
+    f.add("--classes", help="label stores of folder datasets: class names, comma-separated, or @FILE")
+    f.add("--labels-csv", help="label stores of folder datasets: CSV of ground truth")
+    f.add("--dataset-opt", action="append", metavar="KEY=VALUE", help="label stores: adapter option, repeatable")
+    f.add("--images", type=int, help="images in the gallery")
+    f.add("--cam-images", type=int, help="gallery images that also get class activation maps (runs)")
+    f.add("--cam-classes", type=int, help="CAMs of each image's top classes (runs)")
+    f.add("--cam-epochs", help="CAMs over epochs (runs kept with train --keep-epochs): auto (up to 6 epochs), all, "
+                               "none, or epoch numbers like 1,3,8")
+    f.add("--eval-images", type=int, help="the classifier's per-class AP on at most this many images (runs)")
+    f.add("--threshold", type=float, help="tags at or above this score are shown solid")
+    f.add("--stitch", help="CAM shift-and-stitch per axis: auto, 1, 2 or 4 (finer maps from a coarse network)")
+    f.add("--batch-size", type=int, help="images per forward pass")
+    f.add("--device", help="auto, cpu, cuda or cuda:N")
+    f.add("--seed", type=int, help="seed of the image sample")
+    f.add("--no-progress", action="store_true", help="no progress bar", key="no_progress")
+    rp.set_defaults(func=cmd_report)
+
     de = sub.add_parser("demo", help="the whole pipeline on the embedded shapes world with the shipped tiny CLIP",
                         description="Generate the shapes world, label its train split with the shipped CLIP, print "
                                     "the pseudo-label mAP of the global/avg/max/cdul aggregators, train a small "
-                                    "classifier with latent label updates, export it to ONNX and report its test "
-                                    "mAP with ONNX Runtime.")
+                                    "classifier with latent label updates, export it to ONNX, report its test "
+                                    "mAP with ONNX Runtime and write an HTML report (report/index.html).")
     demo_full, demo_quick = package_defaults("demo"), package_defaults("demo").get("quick", {})
     de.add_argument("--out", "-o", default="cdul-demo", help="work folder (default: ./cdul-demo)")
     de.add_argument("--quick", action="store_true",
-                    help=f"the same five steps on a reduced world ({demo_quick.get('train_images')} train / "
+                    help=f"the same six steps on a reduced world ({demo_quick.get('train_images')} train / "
                          f"{demo_quick.get('test_images')} test images, {demo_quick.get('train', {}).get('epochs')} "
                          "epochs): about a minute on 2 CPU cores")
     de.add_argument("--train-images", type=int, default=None,
@@ -519,6 +555,26 @@ def cmd_tags(args: dict) -> int:
             "top-k": f"top {args.get('top_k')}", "file": f"thresholds of {args.get('thresholds')}"}[mode]
     print(f"{res.out}: {res.images} images, {res.tags} tags ({res.tags / max(res.images, 1):.1f} per image), "
           f"{what}; thresholds in {res.thresholds_file}")
+    return 0
+
+
+def cmd_report(args: dict) -> int:
+    from pathlib import Path
+
+    from .report.build import ReportConfig, build_report, is_run
+
+    progress = not args.pop("no_progress", False)
+    src = Path(args["source"])
+    dataset = None
+    if src.is_file():
+        dataset = _store_dataset({**args, "labels": args["source"]})
+    elif any(k in args for k in ("dataset", "classes", "labels_csv", "dataset_opt")) and is_run(src):
+        raise CdulError("a run's dataset comes from its config.yaml: only --root (moved data) and --split apply")
+    for k in ("dataset", "classes", "labels_csv", "dataset_opt"):
+        args.pop(k, None)
+    cfg = ReportConfig(**resolve("report", args), progress=progress and sys.stderr.isatty())
+    res = build_report(cfg, dataset)
+    print(f"report: {res.path.resolve()}")
     return 0
 
 

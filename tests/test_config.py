@@ -11,6 +11,7 @@ from cdul_fast.cli import build_parser
 from cdul_fast.config import package_defaults
 from cdul_fast.label.pipeline import LabelConfig
 from cdul_fast.label.rescore import RescoreConfig
+from cdul_fast.report.build import ReportConfig
 from cdul_fast.train.trainer import TrainConfig
 
 RUNTIME_ONLY = {"out", "labels", "source", "resume", "overwrite", "progress"}  # per run, never a default in a file
@@ -32,7 +33,7 @@ def _subparser(name: str) -> argparse.ArgumentParser:
 
 
 @pytest.mark.parametrize("command,cls", [("label", LabelConfig), ("train", TrainConfig),
-                                         ("rescore", RescoreConfig)])
+                                         ("rescore", RescoreConfig), ("report", ReportConfig)])
 def test_yaml_defaults_equal_the_dataclass_defaults(command, cls):
     yaml_defaults = package_defaults(command)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -45,7 +46,7 @@ def test_yaml_defaults_equal_the_dataclass_defaults(command, cls):
     assert not differ, f"configs/{command}.yaml vs {cls.__name__} (yaml, dataclass): {differ}"
 
 
-@pytest.mark.parametrize("command", ["label", "train", "predict", "rescore", "tags"])
+@pytest.mark.parametrize("command", ["label", "train", "predict", "rescore", "tags", "report"])
 def test_every_default_has_a_flag_that_shows_it(command):
     actions = {a.dest: a for a in _subparser(command)._actions}
     for key, value in package_defaults(command).items():

@@ -226,10 +226,11 @@ def test_wheel_runs_the_quick_demo_in_a_clean_venv(wheels: dict[str, Path], tmp_
         global_row = re.search(r"pseudo labels \(train\), global\s+([\d.]+)", demo)
         assert float(onnx_row.group(1)) > float(global_row.group(1))  # the classifier learned from the labels
         for f in ("train.cdul", "run/curves.png", "run/log.csv", "run/model.safetensors", "model.onnx",
-                  "test_scores.csv"):
+                  "test_scores.csv", "run/epochs/epoch_001.safetensors", "report/index.html"):
             assert (outside / "demo" / f).stat().st_size > 0, f
         shown = [line.strip() for line in demo.splitlines() if line.strip().startswith("cdul-fast ")]
         assert len(shown) >= 3, demo[-2000:]
+        assert re.search(r"HTML report\s+\S*report/index\.html", demo), demo[-2000:]
         for cmd in shown:  # every cdul-fast command the demo tells a user to run works as printed
             _run(cmd, outside, env)
 

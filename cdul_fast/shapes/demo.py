@@ -1,4 +1,5 @@
-"""`cdul-fast demo`: label -> eval (Table 3 on the shapes world) -> train -> export -> predict, in one command."""
+"""`cdul-fast demo`: label -> eval (Table 3 on the shapes world) -> train -> export -> predict -> report, in one
+command."""
 
 from __future__ import annotations
 
@@ -44,13 +45,14 @@ def where_to_look(out: Path, root: Path, train_opts: dict, test_opts: dict, trai
         lines += [f"  training run              {out / 'run'}/ (config.yaml, log.csv, checkpoint.pt, model.*)",
                   f"  curves                    {out / 'run' / 'curves.png'}",
                   f"  ONNX model                {out / 'model.onnx'}",
-                  f"  test predictions          {out / 'test_scores.csv'}"]
+                  f"  test predictions          {out / 'test_scores.csv'}",
+                  f"  HTML report               {out / 'report' / 'index.html'} (open it in a browser)"]
         cmds += [f"cdul-fast predict --model {q(out / 'model.onnx')} {_dataset_flags(root, 'test', test_opts)}",
                  f"cdul-fast predict --model {q(out / 'model.onnx')} --images {q(root / 'test')} "
                  f"--out {q(out / 'my_scores.csv')}",
                  f"column -s, -t < {q(out / 'run' / 'log.csv')}",
                  f"head -3 {q(out / 'test_scores.csv')}",
-                 f"xdg-open {q(out / 'run' / 'curves.png')}"]
+                 f"xdg-open {q(out / 'report' / 'index.html')}"]
     return lines + ["Look at them:"] + [f"  {c}" for c in cmds]
 
 
@@ -69,18 +71,18 @@ def run_demo(args: dict) -> int:
     t0 = time.perf_counter()
     root = out / "shapes"
     opts = dict(cfg.get("dataset_options") or {})
-    _log(f"[1/5] generating the shapes world{' (reduced: --quick)' if args.get('quick') else ''} in {root}")
+    _log(f"[1/6] generating the shapes world{' (reduced: --quick)' if args.get('quick') else ''} in {root}")
     train_opts = _with_n(opts, args.get("train_images") or cfg.get("train_images"))
     test_opts = _with_n(opts, args.get("test_images") or cfg.get("test_images"))
     train_ds = load_dataset("shapes", root, "train", **train_opts)
     test_ds = load_dataset("shapes", root, "test", **test_opts)
     _log(f"      {len(train_ds)} train / {len(test_ds)} test images, {train_ds.num_classes} classes")
 
-    _log("[2/5] labelling the train split with the shipped CLIP (no annotation used)")
+    _log("[2/6] labelling the train split with the shipped CLIP (no annotation used)")
     store = out / "train.cdul"
     lcfg = LabelConfig(out=str(store), dataset="shapes", root=str(root), split="train",
-                       dataset_options=train_opts,
-                       save=("global", "avg", "max", "cdul"), overwrite=True, device=device, progress=progress,
+                       dataset_options=train_opts, save=("global", "aggregate", "avg", "max", "cdul"),
+                       overwrite=True, device=device, progress=progress,
                        **cfg["label"])
     res = run_label(lcfg, log=lambda s: _log("      " + s), dataset=train_ds)
     _log(f"      {res.labelled} images in {res.seconds:.1f}s ({res.images_per_second:.1f} img/s)")
@@ -95,7 +97,7 @@ def run_demo(args: dict) -> int:
         _log(f"done in {time.perf_counter() - t0:.0f}s")
         return 0
 
-    _log("\n[3/5] training the classifier (KL loss, latent pseudo-label updates after the warm-up)")
+    _log("\n[3/6] training the classifier (KL loss, latent pseudo-label updates after the warm-up)")
     tc = dict(cfg["train"])
     if args.get("epochs"):
         tc["epochs"] = args["epochs"]
@@ -108,12 +110,12 @@ def run_demo(args: dict) -> int:
     summary["pseudo labels after training (train)"] = last.get("pseudo_map")
     summary["classifier, torch (test)"] = last.get("test_map")
 
-    _log("\n[4/5] exporting to ONNX")
+    _log("\n[4/6] exporting to ONNX")
     onnx_path = out / "model.onnx"
     rep = export_onnx(out / "run", onnx_path)
     _log(f"      {onnx_path}: max |onnxruntime - torch| = {rep['max_abs_diff']:.1e}")
 
-    _log("[5/5] predicting the test split with ONNX Runtime")
+    _log("[5/6] predicting the test split with ONNX Runtime")
     model = open_model(onnx_path, "auto")
     scores, errors = predict_paths(model, list(test_ds.paths), 64, progress=progress)
     summary["classifier, ONNX Runtime (test)"] = evaluate_scores(scores, test_ds).map * 100
@@ -126,6 +128,13 @@ def run_demo(args: dict) -> int:
               log=lambda s: None, dataset=test_ds)
     test_reports, _ = evaluate_store(test_store, test_ds, ["final"])
     summary["pseudo labels of the test split, cdul (reference)"] = test_reports["final"].map * 100
+
+    _log("[6/6] writing the report (curves, per-class AP, tags, class activation maps)")
+    from ..report.build import ReportConfig, build_report
+
+    report = build_report(ReportConfig(source=str(out / "run"), out=str(out / "report"), device=device,
+                                       progress=progress), log=lambda s: _log("      " + s))
+    _log(f"      {report.path} ({report.seconds:.0f}s)")
 
     _log("\nSummary (mAP %):")
     width = max(len(k) for k in summary)

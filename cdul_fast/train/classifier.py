@@ -37,8 +37,15 @@ class ShapesNet(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(cin, num_classes)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map [B, 8 width, S/32, S/32] (timm's split, which class activation maps use)."""
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.pool(x).flatten(1)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
+        return self.forward_head(self.forward_features(x))
 
 
 class ClipResNet(nn.Module):
@@ -62,12 +69,18 @@ class ClipResNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(width * 32, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's last feature map [B, 32 width, S/32, S/32] (timm's split, which class activation maps use)."""
         t = self.trunk
         x = t.stem(x) if hasattr(t, "stem") else t.avgpool(t.act3(t.bn3(t.conv3(t.act2(t.bn2(t.conv2(
             t.act1(t.bn1(t.conv1(x.to(t.conv1.weight.dtype)))))))))))
-        x = t.layer4(t.layer3(t.layer2(t.layer1(x))))
+        return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(x).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def load_clip_visual(self, clip_state: dict[str, torch.Tensor]) -> None:
         """Copy ``visual.*`` trunk weights of a CLIP state dict (attention pool excluded)."""

@@ -9,7 +9,8 @@ atomic and hold everything a resumed run needs (model, optimizer, scheduler, RNG
 run killed at any point and resumed ends with the same numbers as an uninterrupted one on CPU.
 
 Run folder: config.yaml, labels.cdul (arrays init/latent/labels/pred), checkpoint.pt, model.safetensors +
-model.json (for export), log.csv, curves.png.
+model.json (for export), log.csv, curves.png; with ``keep_epochs`` also epochs/epoch_NNN.safetensors (the weights
+after each epoch, for `cdul-fast report`'s CAMs over epochs, the paper's Fig. 6).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class TrainConfig:
     workers: int | None = None
     cache_images: str = "auto"
     seed: int = 0
+    keep_epochs: bool = False
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -166,7 +168,8 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------------------------- data
 
 
-def _datasets(cfg: TrainConfig, store_meta: dict) -> tuple[MultiLabelSet, MultiLabelSet | None]:
+def run_datasets(cfg: TrainConfig, store_meta: dict) -> tuple[MultiLabelSet, MultiLabelSet | None]:
+    """The train split and the test split (None without one or without ground truth) of a run's settings."""
     name = cfg.dataset or store_meta.get("dataset")
     if not name:
         raise ConfigError("--dataset is needed: the label store does not record its dataset")
@@ -225,7 +228,7 @@ class Trainer:
                 raise ConfigError(f"{cfg.labels} has no array {cfg.labels_array!r} (it has "
                                   f"{', '.join(src.array_names)})")
             self.src_meta = dict(src.meta)
-            self.train_ds, self.test_ds = _datasets(cfg, self.src_meta)
+            self.train_ds, self.test_ds = run_datasets(cfg, self.src_meta)
             if tuple(self.train_ds.class_names) != tuple(src.class_names) or len(self.train_ds) != src.rows:
                 raise StoreError(f"{cfg.labels} ({src.rows} rows, {len(src.class_names)} classes) does not belong to "
                                  f"{self.train_ds.name}/{self.train_ds.split} ({len(self.train_ds)} images, "
@@ -507,6 +510,8 @@ class Trainer:
                 self._update_latent()
             row = self._metrics(epoch, loss, time.perf_counter() - te)
             self.history.append(row)
+            if cfg.keep_epochs:
+                self._save_weights(self.out / "epochs" / f"epoch_{epoch:03d}.safetensors", {"epoch": epoch})
             self._checkpoint(epoch)
             self._write_log()
             self.log(_format_row(row))
@@ -528,13 +533,19 @@ class Trainer:
 
         atomic_write(self.out / "log.csv", write)
 
-    def _save_model(self) -> None:
-        info = {"arch": self.cfg.arch, "num_classes": len(self.classes), "class_names": list(self.classes),
+    def _model_info(self) -> dict:
+        return {"arch": self.cfg.arch, "num_classes": len(self.classes), "class_names": list(self.classes),
                 "image_size": self.cfg.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                 "method": self.cfg.method, "epochs": self.cfg.epochs, "history": self.history[-1:]}
-        save_safetensors_atomic(self.model.state_dict(), self.out / "model.safetensors",
-                                {"cdul_fast": json.dumps(info)})
-        save_json_atomic(info, self.out / "model.json")
+
+    def _save_weights(self, path: Path, extra: dict | None = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors_atomic(self.model.state_dict(), path, {"cdul_fast": json.dumps({**self._model_info(),
+                                                                                        **(extra or {})})})
+
+    def _save_model(self) -> None:
+        self._save_weights(self.out / "model.safetensors")
+        save_json_atomic(self._model_info(), self.out / "model.json")
 
 
 def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:

@@ -1,0 +1,157 @@
+"""Grad-CAM of the trained classifier (what the paper's Fig. 5 and 6 show), batched, on CPU or GPU.
+
+The classifier is split where timm splits it: ``forward_features`` (a convolutional map A [B, K, h, w]) and
+``forward_head`` (pool + linear). For a class c, Grad-CAM is relu(sum_k alpha_ck A_k) with alpha_ck the spatial mean
+of d logit_c / d A_k; for a pooled linear head that is the classic CAM relu(W_c . A) up to a positive scale, so the
+map says which cells carry the class's evidence. One backward pass per rank serves the whole batch (the images are
+independent in eval mode).
+
+A stride-32 trunk at 128 px gives a 4 x 4 map, coarser than a shapes object. ``stitch`` s > 1 runs the trunk on s x s
+copies of the image shifted by a fraction of the stride and interleaves their maps (shift-and-stitch, as in fully
+convolutional networks): an (s h) x (s w) map of the same network, each cell the CAM of a receptive field centred
+there, without retraining or changing the input scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+MAX_STITCH = 4
+AUTO_CELLS = 16  # auto stitch: the finest map side up to this many cells
+
+
+@dataclass
+class CamResult:
+    """CAMs of ``classes`` (ranked by score) for a batch of S x S inputs."""
+
+    maps: torch.Tensor  # float32 [B, K, h', w'] in [0, 1] (each map divided by its maximum), h' = stitch * h
+    classes: torch.Tensor  # int64 [B, K]
+    scores: torch.Tensor  # float32 [B, K] sigmoid probabilities of the unshifted image
+    peaks: torch.Tensor  # float32 [B, K, 2]: (x, y) of each map's maximum, in input pixels (cell centres)
+    stride: float  # input pixels per map cell
+
+    def upsampled(self, size: int) -> torch.Tensor:
+        """The maps bilinearly resized to size x size ([B, K, size, size]; cell centres stay where they are)."""
+        b, k, h, w = self.maps.shape
+        up = F.interpolate(self.maps.reshape(b * k, 1, h, w), size=(size, size), mode="bilinear", align_corners=False)
+        return up.reshape(b, k, size, size).clamp_(0.0, 1.0)
+
+
+def _split(model: nn.Module):
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise ConfigError(f"{type(model).__name__} has no forward_features/forward_head split: class activation maps "
+                          "need a convolutional classifier (timm CNNs, shapesnet, clipres)")
+    return model.forward_features, model.forward_head
+
+
+def auto_stitch(map_side: int) -> int:
+    """The shift count per axis that makes the map side reach AUTO_CELLS (1, 2 or 4)."""
+    s = 1
+    while s < MAX_STITCH and map_side * s < AUTO_CELLS:
+        s *= 2
+    return s
+
+
+def _offsets(stride: int, stitch: int) -> list[int]:
+    """Shifts (pixels) that put the s copies' cell centres on a regular grid of stride/s, centred in the image."""
+    step = stride // stitch
+    return [j * step - stride // 2 + step // 2 for j in range(stitch)]
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = None, top_k: int = 3,
+             stitch: int | str = "auto") -> CamResult:
+    """Grad-CAMs of normalized inputs ``x`` [B, 3, S, S] for ``classes`` [B, K] (default: each image's top_k).
+
+    The model is put in eval mode for the call and restored after; its parameters get no gradients.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ConfigError(f"grad_cam expects images [B, 3, S, S], got {tuple(x.shape)}")
+    features, head = _split(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            a0 = features(x)
+            if a0.ndim != 4:
+                raise ConfigError(f"{type(model).__name__}'s features have shape {tuple(a0.shape)}, not a map "
+                                  "[B, K, h, w]: class activation maps need a convolutional classifier")
+            probs = torch.sigmoid(head(a0).float())
+        if classes is None:
+            k = min(int(top_k), probs.shape[1])
+            if k < 1:
+                raise ConfigError(f"top_k must be >= 1, got {top_k}")
+            classes = probs.topk(k, dim=1).indices
+        classes = classes.to(device=x.device, dtype=torch.long)
+        if classes.ndim != 2 or classes.shape[0] != x.shape[0]:
+            raise ConfigError(f"classes must be [B, K] with B = {x.shape[0]}, got {tuple(classes.shape)}")
+        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= probs.shape[1]):
+            raise ConfigError(f"class indices must be in [0, {probs.shape[1]})")
+        h, w = a0.shape[-2:]
+        size_h, size_w = x.shape[-2:]
+        if size_h % h or size_w % w or size_h // h != size_w // w:
+            stride_px, s = size_h / h, 1  # no integer stride: no stitching
+        else:
+            stride_px = size_h // h
+            s = auto_stitch(max(h, w)) if stitch == "auto" else int(stitch)
+            if not 1 <= s <= MAX_STITCH or stride_px % (2 * s) and s > 1:
+                s = 1 if stitch == "auto" else _bad_stitch(stitch, int(stride_px))
+        maps = _stitched(features, head, x, classes, s, int(stride_px) if s > 1 else 0, a0 if s == 1 else None)
+    finally:
+        model.train(was_training)
+    b, kk, mh, mw = maps.shape
+    flat = maps.reshape(b, kk, -1)
+    top = flat.amax(dim=2, keepdim=True)
+    maps = (flat / top.clamp_min(1e-12)).reshape(b, kk, mh, mw)
+    idx = flat.argmax(dim=2)
+    fine = stride_px / s
+    peaks = torch.stack([(idx % mw).float() + 0.5, (idx // mw).float() + 0.5], dim=-1) * fine
+    return CamResult(maps, classes, probs.gather(1, classes), peaks, float(fine))
+
+
+def _bad_stitch(stitch, stride: int) -> int:
+    raise ConfigError(f"stitch must be 'auto' or 1..{MAX_STITCH} dividing half the network's stride ({stride} px), "
+                      f"got {stitch!r}")
+
+
+def _cams(features, head, x: torch.Tensor, classes: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(sum_k alpha_k A_k) [B, K, h, w] for each column of ``classes``."""
+    with torch.enable_grad():
+        a = (features(x) if a is None else a).detach().float().requires_grad_(True)
+        logits = head(a)
+        out = []
+        for r in range(classes.shape[1]):
+            (g,) = torch.autograd.grad(logits.gather(1, classes[:, r:r + 1]).sum(), a,
+                                       retain_graph=r + 1 < classes.shape[1])
+            alpha = g.mean(dim=(2, 3), keepdim=True)
+            out.append(torch.relu((alpha * a).sum(dim=1)))
+    return torch.stack(out, dim=1).detach()
+
+
+def _stitched(features, head, x: torch.Tensor, classes: torch.Tensor, s: int, stride: int,
+              a0: torch.Tensor | None) -> torch.Tensor:
+    if s == 1:
+        return _cams(features, head, x, classes, a0)
+    offs = _offsets(stride, s)
+    pad = max(abs(o) for o in offs)
+    size_h, size_w = x.shape[-2:]
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    crops = [padded[:, :, pad + dy:pad + dy + size_h, pad + dx:pad + dx + size_w] for dy in offs for dx in offs]
+    b = x.shape[0]
+    stacked = torch.cat(crops, dim=0)  # [s*s*B, 3, S, S], shift-major
+    cams = _cams(features, head, stacked, classes.repeat(s * s, 1))
+    k, h, w = cams.shape[1:]
+    cams = cams.reshape(s, s, b, k, h, w)  # [dy, dx, B, K, h, w]
+    # cell (i, j) of copy (dy, dx) is centred at (stride i + dy-th fine offset, ...): fine index i*s + dy
+    return cams.permute(2, 3, 4, 0, 5, 1).reshape(b, k, h * s, w * s)
+
+
+def peak_in_boxes(peak_xy: tuple[float, float], boxes: list[list[float]]) -> bool:
+    """Whether a CAM peak (x, y) lies inside one of ``boxes`` ([x0, y0, x1, y1], same pixel frame)."""
+    x, y = peak_xy
+    return any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in boxes)
