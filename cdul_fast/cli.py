@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--quick", action="store_true",
                     help=f"the same six steps on a reduced world ({demo_quick.get('train_images')} train / "
                          f"{demo_quick.get('test_images')} test images, {demo_quick.get('train', {}).get('epochs')} "
-                         "epochs): about a minute on 2 CPU cores")
+                         "epochs): one to two minutes on 2 CPU cores")
     de.add_argument("--train-images", type=int, default=None,
                     help=f"images in the train split (default: {demo_full.get('train_images')})")
     de.add_argument("--test-images", type=int, default=None,

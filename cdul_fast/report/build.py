@@ -277,8 +277,11 @@ class _RunReport(_Builder):
             self.gallery(page, shown, gal, probs[[pos[int(r)] for r in gal]], "classifier")
         cam_rows = gal[:cfg.cam_images]
         if cam_rows.size:
-            self.cams(page, model, info, shown, cam_rows, device)
-            self.cam_epochs(page, run, model, info, shown, cam_rows[:4], device)
+            try:
+                self.cams(page, model, info, shown, cam_rows, device)
+                self.cam_epochs(page, run, model, info, shown, cam_rows[:4], device)
+            except ConfigError as exc:  # e.g. a vision transformer: no feature map to draw
+                self.notes.append(f"no class activation maps for {info.get('arch')}: {exc}")
         if source_store.is_file():
             self.sweep(page, source_store)
         page.add("config", "Settings (config.yaml)", pg.definition_list(sorted(settings.items())))
