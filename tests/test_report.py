@@ -240,11 +240,29 @@ def test_report_errors_are_one_line(shapes_run, tmp_path, capsys, argv, message)
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
+def test_report_of_the_train_split_and_of_a_run_store(shapes_run, tmp_path, capsys):
+    res = build_report(ReportConfig(source=str(shapes_run["run"]), out=str(tmp_path / "t"), split="train", images=3,
+                                    cam_images=0, device="cpu", progress=False))
+    html = res.path.read_text()
+    assert "Sample images of shapes/train" in html and "of 600 images of shapes/train" in html
+    # the run's own store has no 'final' array: its current labels are shown
+    code = main(["report", str(shapes_run["run"] / "labels.cdul"), "--out", str(tmp_path / "s"), "--dataset", "shapes",
+                 "--root", str(shapes_run["root"]), "--split", "train", "--dataset-opt", "n=600", "--images", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert "AP %: labels" in (tmp_path / "s" / "index.html").read_text()
+
+
 def test_report_refuses_what_is_not_a_run_or_store(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "file")]) == 2  # not a label store: one line
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "internal" not in err, err
 
 
 # ------------------------------------------------------------------------------------------------ a real browser

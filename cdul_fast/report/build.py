@@ -14,7 +14,6 @@ import csv
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -120,8 +119,8 @@ def _mean_ap(ap: np.ndarray) -> float | None:
 
 
 class _Builder:
-    def __init__(self, cfg: ReportConfig, log: Callable[[str], None]) -> None:
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: ReportConfig) -> None:
+        self.cfg = cfg
         self.notes: list[str] = []
 
     def bar(self, total: int, desc: str):
@@ -223,23 +222,27 @@ class _RunReport(_Builder):
         if not isinstance(settings, dict):
             raise ConfigError(f"{run / 'config.yaml'} is not a mapping of settings")
         known = {f.name for f in fields(TrainConfig)}
-        tcfg = TrainConfig(**{k: v for k, v in settings.items() if k in known and k not in ("labels", "out")},
-                           labels=str(settings.get("labels", "")), out=str(run))
+        try:
+            tcfg = TrainConfig(**{k: v for k, v in settings.items() if k in known and k not in ("labels", "out")},
+                               labels=str(settings.get("labels", "")), out=str(run))
+        except TypeError as exc:
+            raise ConfigError(f"{run / 'config.yaml'} does not hold the settings of a training run: {exc}") from exc
         if cfg.root:
             tcfg.root = cfg.root
-        source_store = Path(tcfg.labels)
+        source_store = self._source_store(run, Path(tcfg.labels))
         store_meta = {}
         if source_store.is_file():
             with LabelStore.open(source_store, mode="r", verify=False) as st:
                 store_meta = dict(st.meta)
         train_ds, test_ds = run_datasets(tcfg, store_meta)
-        if cfg.split:
+        if cfg.split and cfg.split not in (train_ds.split, test_ds.split if test_ds is not None else None):
             from ..datasets import load_dataset
 
-            shown = load_dataset(train_ds.name, tcfg.root, cfg.split,
-                                 **{**tcfg.dataset_options, **tcfg.test_dataset_options})
+            shown = load_dataset(train_ds.name, tcfg.root, cfg.split, **tcfg.dataset_options)
+        elif cfg.split == train_ds.split or test_ds is None:
+            shown = train_ds
         else:
-            shown = test_ds if test_ds is not None else train_ds
+            shown = test_ds
         self.epoch_files = self._kept_epochs(run)
         trained = load_trained(run)
         if list(trained.info["class_names"]) != list(train_ds.class_names):
@@ -286,6 +289,19 @@ class _RunReport(_Builder):
             self.sweep(page, source_store)
         page.add("config", "Settings (config.yaml)", pg.definition_list(sorted(settings.items())))
         return page, "run"
+
+    @staticmethod
+    def _source_store(run: Path, recorded: Path) -> Path:
+        """The label store the run was trained from: config.yaml's path (relative to where `train` ran), else the
+        absolute path the run store recorded."""
+        if recorded.is_file():
+            return recorded
+        try:
+            with LabelStore.open(run / "labels.cdul", mode="r", verify=False) as st:
+                source = st.meta.get("source")
+        except StoreError:
+            return recorded
+        return Path(source) if source else recorded
 
     def _kept_epochs(self, run: Path) -> list[tuple[int, Path]]:
         """The per-epoch weights that --cam-epochs picks (checked before any work is done)."""
@@ -463,6 +479,7 @@ class _StoreReport(_Builder):
             self.notes += notes
             arrays = {a: np.array(st.array(a))[rows] for a in st.array_names}
             meta = dict(st.meta)
+        main = next((a for a in ("final", "labels") if a in arrays), next(iter(arrays)))  # labels: a run's store
         page = pg.Page(f"cdul-fast report: {path.name}", f"label store {path.resolve()} · {ds.name}/{ds.split} · "
                        f"{len(ds.class_names)} classes · {rows.size} of {len(ds)} images labelled · cdul-fast "
                        f"{__version__} · {time.strftime('%Y-%m-%d %H:%M')}")
@@ -478,16 +495,16 @@ class _StoreReport(_Builder):
             table = pg.table(["class", "positives", *[f"AP %: {a}" for a in aps]], body, "per-class-table",
                              ["mAP", "", *[_pct(_mean_ap(ap)) for ap in aps.values()]])
         else:
-            final = arrays["final"]
-            body = [[pg.esc(n), f"{float(final[:, i].mean()):.3f}", str(int((final[:, i] >= self.cfg.threshold).sum()))]
+            v = arrays[main]
+            body = [[pg.esc(n), f"{float(v[:, i].mean()):.3f}", str(int((v[:, i] >= self.cfg.threshold).sum()))]
                     for i, n in enumerate(names)]
-            table = pg.table(["class", "mean score (final)", f"images tagged (>= {self.cfg.threshold:g})"], body,
+            table = pg.table(["class", f"mean score ({main})", f"images tagged (>= {self.cfg.threshold:g})"], body,
                              "per-class-table")
         page.add("per-class", "Per-class results", table)
         self.histograms(page, path)
         if self.cfg.images:
             pick = _sample(rows.size, self.cfg.images, self.cfg.seed + 1)
-            self.gallery(page, ds, rows[pick], arrays["final"][pick], "pseudo-label")
+            self.gallery(page, ds, rows[pick], arrays[main][pick], f"pseudo-label ({main})")
         self.sweep(page, path)
         self.notes.append("class activation maps need a trained classifier: report a run folder of `cdul-fast train`")
         shown = {k: v for k, v in meta.items() if k != "embeddings" and len(str(v)) < 400}
@@ -514,27 +531,28 @@ def _read_log(path: Path) -> list[dict]:
     return out
 
 
-def build_report(cfg: ReportConfig, dataset: MultiLabelSet | None = None,
-                 log: Callable[[str], None] = print) -> ReportResult:
+def build_report(cfg: ReportConfig, dataset: MultiLabelSet | None = None) -> ReportResult:
     """Write ``<out>/index.html`` for a run folder, or for a label store of ``dataset``."""
     cfg.validate()
     t0 = time.perf_counter()
     src = Path(cfg.source)
     if not src.exists():
         raise ConfigError(f"{src} not found: pass a run folder of `cdul-fast train` or a label store (.cdul)")
+    out = Path(cfg.out) if cfg.out else default_out(src)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: the report is a folder (index.html inside)")
     if src.is_dir():
         if not is_run(src):
             raise ConfigError(f"{src} is not a run folder of `cdul-fast train` (no model.json and config.yaml)")
-        builder: _Builder = _RunReport(cfg, log)
+        builder: _Builder = _RunReport(cfg)
         page, kind = builder.build(src)
     else:
         if dataset is None:
             raise ConfigError(f"the dataset of {src} is needed (--dataset, --root, --split)")
-        builder = _StoreReport(cfg, log)
+        builder = _StoreReport(cfg)
         page, kind = builder.build(src, dataset)
     if builder.notes:
         page.add("notes", "Notes", "<ul>" + "".join(f"<li>{pg.esc(n)}</li>" for n in builder.notes) + "</ul>")
-    out = Path(cfg.out) if cfg.out else default_out(src)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "index.html"
     write_text_atomic(path, page.render())

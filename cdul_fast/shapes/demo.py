@@ -133,7 +133,7 @@ def run_demo(args: dict) -> int:
     from ..report.build import ReportConfig, build_report
 
     report = build_report(ReportConfig(source=str(out / "run"), out=str(out / "report"), device=device,
-                                       progress=progress), log=lambda s: _log("      " + s))
+                                       progress=progress))
     _log(f"      {report.path} ({report.seconds:.0f}s)")
 
     _log("\nSummary (mAP %):")
