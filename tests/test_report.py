@@ -65,10 +65,11 @@ def test_grad_cam_of_a_pooled_linear_head_is_the_class_activation_map(pool, torc
     cam = torch.relu(torch.einsum("bck,bkhw->bchw", model.fc.weight.detach()[res.classes], a))
     assert torch.allclose(res.maps, _normalized(cam), atol=1e-5)
     assert res.maps.shape == (4, 3, 4, 4) and res.stride == 8
-    # the peak is the argmax cell's centre, in input pixels
-    idx = cam.flatten(-2).argmax(-1)
-    assert torch.allclose(res.peaks[..., 0], (idx % 4).float() * 8 + 4)
-    assert torch.allclose(res.peaks[..., 1], (idx // 4).float() * 8 + 4)
+    # the peak is the argmax cell's centre, in input pixels; a map with no positive cell has none
+    idx, some = cam.flatten(-2).argmax(-1), cam.flatten(-2).amax(-1) > 0
+    assert some.sum() >= 6 and torch.isnan(res.peaks[~some]).all()
+    assert torch.equal(res.peaks[..., 0][some], ((idx % 4).float() * 8 + 4)[some])
+    assert torch.equal(res.peaks[..., 1][some], ((idx // 4).float() * 8 + 4)[some])
 
 
 def test_grad_cam_batched_equals_one_image_at_a_time(torch_seed):
@@ -79,7 +80,7 @@ def test_grad_cam_batched_equals_one_image_at_a_time(torch_seed):
     for i in range(5):
         one = grad_cam(model, x[i:i + 1], classes=classes[i:i + 1], stitch=2)
         assert torch.allclose(batched.maps[i], one.maps[0], atol=1e-5)
-        assert torch.equal(batched.peaks[i], one.peaks[0])
+        assert torch.allclose(batched.peaks[i], one.peaks[0], equal_nan=True)
     assert model.fc.weight.grad is None  # the model's parameters are left alone
 
 
@@ -88,16 +89,9 @@ def test_shift_and_stitch_interleaves_the_maps_of_shifted_images(stitch):
     """A trunk that averages 32 x 32 windows (stride 32): each stitched cell must be the mean of the replicate-padded
     window centred at that cell's centre, i.e. cells on a grid of 32 / s pixels."""
 
-    class Windows(nn.Module):
-        def forward_features(self, x):
-            return F.avg_pool2d(x[:, :1], 32)
-
-        def forward_head(self, a):
-            return a.amax(dim=(2, 3))
-
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.uniform(0.1, 1.0, (2, 3, 128, 128)).astype(np.float32))
-    res = grad_cam(Windows(), x, classes=torch.zeros(2, 1, dtype=torch.long), stitch=stitch)
+    res = grad_cam(_Windows(), x, classes=torch.zeros(2, 1, dtype=torch.long), stitch=stitch)
     side = 4 * stitch
     assert res.maps.shape == (2, 1, side, side) and res.stride == 32 / stitch
     pad = 16
@@ -109,6 +103,71 @@ def test_shift_and_stitch_interleaves_the_maps_of_shifted_images(stitch):
             cy, cx = i * fine + fine // 2, j * fine + fine // 2  # the cell centre in image pixels
             want[:, i, j] = padded[:, 0, pad + cy - 16:pad + cy + 16, pad + cx - 16:pad + cx + 16].mean(dim=(1, 2))
     assert torch.allclose(res.maps[:, 0], _normalized(want), atol=1e-5)
+
+
+class _Windows(nn.Module):
+    """A trunk that averages 32 x 32 windows (stride 32, floored like a ResNet); the head takes the map's maximum."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward_features(self, x):
+        return F.avg_pool2d(x[:, :1], 32) * self.scale
+
+    def forward_head(self, a):
+        return a.amax(dim=(2, 3))
+
+
+def test_a_side_that_is_not_a_multiple_of_the_stride_keeps_the_stride():
+    x = torch.zeros(1, 3, 112, 112)
+    x[..., 70:90, 40:60] = 1.0  # inside the cell (2, 1) of the 3 x 3 map that covers 96 px
+    res = grad_cam(_Windows(), x, classes=torch.zeros(1, 1, dtype=torch.long), stitch=1)
+    assert res.maps.shape[-2:] == (3, 3) and res.stride == 32
+    assert res.peaks[0, 0].tolist() == [48.0, 80.0]  # the cell's centre, not (i + 0.5) * 112 / 3
+    up = res.upsampled(112)[0, 0]
+    assert float(up[96:].abs().max()) == 0.0 and float(up[:, 96:].abs().max()) == 0.0  # nothing covered there
+    y, x_ = divmod(int(up.argmax()), 112)
+    assert abs(y + 0.5 - 80) <= 1 and abs(x_ + 0.5 - 48) <= 1  # the upsampled map peaks at the cell centre too
+    auto = grad_cam(_Windows(), torch.zeros(1, 3, 144, 144) + 0.5, classes=torch.zeros(1, 1, dtype=torch.long))
+    assert auto.stride == 16 and auto.stitch == 2  # 144 px: a 4 x 4 map of stride 32 (not 36), stitched
+
+
+def test_a_map_without_positive_evidence_has_no_peak():
+    res = grad_cam(_Windows(scale=-1.0), torch.rand(2, 3, 64, 64) + 0.1, classes=torch.zeros(2, 1, dtype=torch.long),
+                   stitch=1)
+    assert torch.isnan(res.peaks).all() and float(res.maps.abs().max()) == 0.0
+    assert not peak_in_boxes(tuple(res.peaks[0, 0].tolist()), [[0, 0, 64, 64]])
+
+
+def test_grad_cam_restores_every_submodule_mode_and_chunks(torch_seed):
+    model = _PooledLinear("avg")
+    model.trunk.append(nn.Dropout(0.5))
+    model.trunk.append(nn.BatchNorm2d(6))
+    model.train()
+    model.trunk[-1].eval()  # a frozen BN stays frozen
+    x = torch.randn(5, 3, 32, 32)
+    whole = grad_cam(model, x, top_k=2, stitch=2)
+    chunked = grad_cam(model, x, top_k=2, stitch=2, max_batch=8)  # 2 images x 4 copies per trunk call
+    assert model.training and model.trunk[2].training and not model.trunk[-1].training
+    assert torch.allclose(whole.maps, chunked.maps, atol=1e-6) and torch.equal(whole.classes, chunked.classes)
+
+
+def test_channels_last_feature_maps_are_permuted(torch_seed):
+    nchw = _PooledLinear("avg")
+
+    class Nhwc(nn.Module):
+        output_fmt = "NHWC"  # timm's Swin-style models
+
+        def forward_features(self, x):
+            return nchw.forward_features(x).permute(0, 2, 3, 1)
+
+        def forward_head(self, a):
+            return nchw.forward_head(a.permute(0, 3, 1, 2))
+
+    x = torch.randn(2, 3, 32, 32)
+    a, b = grad_cam(nchw, x, top_k=2, stitch=1), grad_cam(Nhwc(), x, top_k=2, stitch=1)
+    assert torch.allclose(a.maps, b.maps, atol=1e-6) and torch.allclose(a.peaks, b.peaks, equal_nan=True)
 
 
 def test_grad_cam_refuses_what_it_cannot_map():
@@ -230,11 +289,14 @@ def test_report_of_a_label_store(shapes_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--cam-epochs", "9"], "no weights of epoch"),
+    (["--out", "{tmp}/file"], "is a file"),
     (["--stitch", "3"], "--stitch must be"),
     (["--images", "-1"], "--images"),
     (["--dataset", "voc2007"], "only --root"),
 ])
 def test_report_errors_are_one_line(shapes_run, tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code = main(["report", str(shapes_run["run"]), "--out", str(tmp_path / "x"), "--no-progress", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
@@ -252,14 +314,50 @@ def test_report_of_the_train_split_and_of_a_run_store(shapes_run, tmp_path, caps
     assert "AP %: labels" in (tmp_path / "s" / "index.html").read_text()
 
 
+def _run_copy(shapes_run, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(shapes_run["run"], run, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    return run
+
+
+def test_a_damaged_run_still_gets_a_report_with_notes(shapes_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run = _run_copy(shapes_run, tmp_path)
+    (run / "log.csv").write_bytes(b"epoch,train_loss\n1,0.5,extra\nx,\xff\xfe\n")  # not UTF-8, extra fields
+    (run / "epochs" / "epoch_002.safetensors").write_bytes(b"truncated")
+    state = load_file(str(run / "model.safetensors"))
+    state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))  # a diverged model: non-finite scores
+    save_file(state, str(run / "model.safetensors"))
+    res = build_report(ReportConfig(source=str(run), out=str(tmp_path / "r"), images=2, cam_images=1, device="cpu",
+                                    progress=False))
+    html = res.path.read_text()
+    assert "curves" not in res.sections and "epoch 2 left out" in html and "non-finite scores left out" in html
+    assert re.findall(r"epoch (\d): p =", html) == ["1", "3", "4"]
+    (run / "epochs" / "epoch_009.safetensors").write_bytes((run / "epochs" / "epoch_001.safetensors").read_bytes())
+    res = build_report(ReportConfig(source=str(run), out=str(tmp_path / "r"), images=1, cam_images=1, device="cpu",
+                                    progress=False))
+    assert "cam-epochs" not in res.sections and "older run" in res.path.read_text()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("dataset_options:", "dataset_options: abc\nold_dataset_options:"), "wrong type"),
+    (lambda t: "[1, 2]\n", "not a mapping"),
+])
+def test_a_run_config_of_the_wrong_shape_is_one_line(shapes_run, tmp_path, capsys, edit, message):
+    run = _run_copy(shapes_run, tmp_path)
+    (run / "config.yaml").write_text(edit((run / "config.yaml").read_text()))
+    assert main(["report", str(run), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_report_refuses_what_is_not_a_run_or_store(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
-    assert main(["report", str(tmp_path), "--out", str(tmp_path / "file")]) == 2
-    assert "is a file" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "file")]) == 2  # not a label store: one line
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "internal" not in err, err

@@ -8,6 +8,7 @@ Class names, input size and normalization are stored as ONNX metadata for `cdul-
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,13 @@ def load_trained(path: str | Path) -> TrainedModel:
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         arch, classes, size = info["arch"], info["class_names"], int(info["image_size"])
-    except (ValueError, KeyError, TypeError) as exc:
+        norm = [[float(v) for v in info[k]] for k in ("mean", "std")]
+        if not (16 <= size <= 8192) or any(len(v) != 3 for v in norm) or not all(
+                math.isfinite(v) for v in norm[0] + norm[1]) or min(norm[1]) <= 0:
+            raise ValueError("image_size must be in [16, 8192], mean and std 3 finite numbers (std > 0)")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError("class_names must be a non-empty list of names")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise WeightsError(f"{info_path} is not a valid model description: {exc}") from exc
     if p.is_file() and p.suffix == ".pt":
         state = load_checkpoint(p).get("model")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -108,6 +109,15 @@ def _sample(n: int, k: int, seed: int) -> np.ndarray:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * x:.2f}"
+
+
+def _ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AP per class over the rows whose scores are all finite (a diverged model, an unlabelled row); all NaN when no
+    row is left."""
+    ok = np.isfinite(scores).all(axis=1)
+    if not ok.any():
+        return np.full(scores.shape[1], np.nan)
+    return average_precision(scores[ok], labels[ok])
 
 
 def _mean_ap(ap: np.ndarray) -> float | None:
@@ -221,6 +231,11 @@ class _RunReport(_Builder):
             raise ConfigError(f"{run / 'config.yaml'} cannot be read: {exc}") from exc
         if not isinstance(settings, dict):
             raise ConfigError(f"{run / 'config.yaml'} is not a mapping of settings")
+        for key, kinds in (("dataset_options", dict), ("test_dataset_options", dict), ("root", (str, type(None))),
+                           ("dataset", (str, type(None))), ("split", (str, type(None))),
+                           ("test_split", (str, type(None)))):
+            if key in settings and not isinstance(settings[key], kinds):
+                raise ConfigError(f"{run / 'config.yaml'}: {key} has the wrong type ({type(settings[key]).__name__})")
         known = {f.name for f in fields(TrainConfig)}
         try:
             tcfg = TrainConfig(**{k: v for k, v in settings.items() if k in known and k not in ("labels", "out")},
@@ -232,13 +247,18 @@ class _RunReport(_Builder):
         source_store = self._source_store(run, Path(tcfg.labels))
         store_meta = {}
         if source_store.is_file():
-            with LabelStore.open(source_store, mode="r", verify=False) as st:
-                store_meta = dict(st.meta)
+            try:
+                with LabelStore.open(source_store, mode="r", verify=False) as st:
+                    store_meta = dict(st.meta)
+            except StoreError as exc:
+                self.notes.append(f"the run's source store cannot be read: {exc}")
+                source_store = Path("")
         train_ds, test_ds = run_datasets(tcfg, store_meta)
         if cfg.split and cfg.split not in (train_ds.split, test_ds.split if test_ds is not None else None):
             from ..datasets import load_dataset
 
-            shown = load_dataset(train_ds.name, tcfg.root, cfg.split, **tcfg.dataset_options)
+            shown = load_dataset(train_ds.name, tcfg.root, cfg.split,  # a split other than train: test's options
+                                 **{**tcfg.dataset_options, **tcfg.test_dataset_options})
         elif cfg.split == train_ds.split or test_ds is None:
             shown = train_ds
         else:
@@ -287,27 +307,26 @@ class _RunReport(_Builder):
                 self.notes.append(f"no class activation maps for {info.get('arch')}: {exc}")
         if source_store.is_file():
             self.sweep(page, source_store)
-        page.add("config", "Settings (config.yaml)", pg.definition_list(sorted(settings.items())))
+        page.add("config", "Settings (config.yaml)",
+                 pg.definition_list(sorted(settings.items(), key=lambda kv: str(kv[0]))))
         return page, "run"
 
     @staticmethod
     def _source_store(run: Path, recorded: Path) -> Path:
-        """The label store the run was trained from: config.yaml's path (relative to where `train` ran), else the
-        absolute path the run store recorded."""
-        if recorded.is_file():
-            return recorded
+        """The label store the run was trained from: the absolute path the run store recorded, else config.yaml's
+        (relative to where `train` ran)."""
         try:
             with LabelStore.open(run / "labels.cdul", mode="r", verify=False) as st:
                 source = st.meta.get("source")
         except StoreError:
-            return recorded
-        return Path(source) if source else recorded
+            source = None
+        return Path(source) if source and Path(source).is_file() else recorded
 
     def _kept_epochs(self, run: Path) -> list[tuple[int, Path]]:
         """The per-epoch weights that --cam-epochs picks (checked before any work is done)."""
         choice = _epoch_choice(self.cfg.cam_epochs)
-        files = {int(p.stem.split("_")[-1]): p for p in sorted((run / "epochs").glob("epoch_*.safetensors"))
-                 if p.stem.split("_")[-1].isdigit()}
+        files = {int(m.group(1)): p for p in sorted((run / "epochs").glob("epoch_*.safetensors"))
+                 if (m := re.fullmatch(r"epoch_([0-9]{1,6})", p.stem))}
         if choice == "none":
             return []
         if not files:
@@ -355,18 +374,18 @@ class _RunReport(_Builder):
     def per_class(self, page: pg.Page, run: Path, train_ds: MultiLabelSet, shown: MultiLabelSet,
                   eval_rows: np.ndarray, probs: np.ndarray) -> None:
         names = shown.class_names
-        ok = ~np.isnan(probs).any(axis=1)
+        ok = np.isfinite(probs).all(axis=1)
         cols: dict[str, np.ndarray] = {}
         if train_ds.labels is not None and (run / "labels.cdul").is_file():
             with LabelStore.open(run / "labels.cdul", mode="r", expect_classes=names) as st:
                 rows, _ = labelled_rows(st, train_ds, allow_incomplete=True)
                 for arr, title in (("init", "pseudo labels, start (train)"), ("labels", "pseudo labels, end (train)")):
-                    cols[title] = average_precision(np.asarray(st.array(arr))[rows], train_ds.labels[rows])
+                    cols[title] = _ap(np.asarray(st.array(arr))[rows], train_ds.labels[rows])
         head = ["class"]
         body_rows = []
         if shown.labels is not None:
             y = shown.labels[eval_rows[ok]]
-            cols[f"classifier ({shown.split})"] = average_precision(probs[ok], y)
+            cols[f"classifier ({shown.split})"] = _ap(probs[ok], y)
             positives = (y == POSITIVE).sum(0)
             head += ["positives", *[f"AP %: {t}" for t in cols], ""]
             clf = cols[f"classifier ({shown.split})"]
@@ -375,8 +394,11 @@ class _RunReport(_Builder):
                 body_rows.append([pg.esc(n), str(int(positives[i])), *[_pct(v[i]) for v in cols.values()],
                                   f'<td class="bar"><i style="width:{width}px"></i></td>'])
             foot = ["mAP", "", *[_pct(_mean_ap(v)) for v in cols.values()], ""]
+            lost = eval_rows.size - int(ok.sum())
             note = (f"AP on {int(ok.sum())} of {len(shown)} images of {shown.name}/{shown.split} for the classifier"
-                    f"{' (a seeded sample: --eval-images)' if ok.sum() < len(shown) else ''}; pseudo labels on the "
+                    f"{' (a seeded sample: --eval-images)' if eval_rows.size < len(shown) else ''}"
+                    f"{f'; {lost} undecodable or with non-finite scores left out' if lost else ''}"
+                    "; pseudo labels on the "
                     f"train split's {len(train_ds)} images, before and after the latent updates.")
         else:
             head += ["mean score", f"images tagged (>= {self.cfg.threshold:g})"]
@@ -393,7 +415,8 @@ class _RunReport(_Builder):
         if not ok:
             return None, []
         stitch = self.cfg.stitch if self.cfg.stitch == "auto" else int(self.cfg.stitch)
-        res = grad_cam(model, x, classes=classes, top_k=self.cfg.cam_classes, stitch=stitch)
+        res = grad_cam(model, x, classes=classes, top_k=self.cfg.cam_classes, stitch=stitch,
+                       max_batch=self.cfg.batch_size)
         return res, ok
 
     def cams(self, page: pg.Page, model, info: dict, ds: MultiLabelSet, rows: np.ndarray, device) -> None:
@@ -418,7 +441,9 @@ class _RunReport(_Builder):
             lines.append(f'<div class="row">{"".join(tiles)}</div>')
         page.add("cams", "Class activation maps of the top classes (paper Fig. 5)",
                  f'<p class="note">Grad-CAM of the trained classifier for its {res.classes.shape[1]} highest-scoring '
-                 f"classes; a map cell is {res.stride:g} input pixels (shift-and-stitch), the cross marks its peak. "
+                 f"classes; a map cell is {res.stride:g} input pixels"
+                 f"{f' (shift-and-stitch, {res.stitch} x {res.stitch} shifted copies)' if res.stitch > 1 else ''}; "
+                 "the cross marks its peak (none: no positive evidence). "
                  "Green: the class is in the ground truth.</p>" + "".join(lines))
 
     def cam_epochs(self, page: pg.Page, run: Path, model, info: dict, ds: MultiLabelSet, rows: np.ndarray,
@@ -427,6 +452,10 @@ class _RunReport(_Builder):
 
         files = self.epoch_files
         if not files:
+            return
+        if not _epochs_fit(files, info):
+            self.notes.append("the run's epochs/ folder holds weights of more epochs than it trained (an older run's): "
+                              "no CAMs over epochs")
             return
         final = {k: v.detach().clone() for k, v in model.state_dict().items()}
         x, ok = self._inputs(info, ds, rows, device)
@@ -445,9 +474,11 @@ class _RunReport(_Builder):
             for e, path in files:
                 try:
                     model.load_state_dict(load_state_dict_file(path))
-                except RuntimeError as exc:
-                    raise WeightsError(f"{path} does not fit the run's model: {str(exc).splitlines()[0]}") from exc
-                res = grad_cam(model, x, classes=top, stitch=stitch)
+                except (RuntimeError, WeightsError) as exc:  # truncated, or another run's
+                    self.notes.append(f"epoch {e} left out of the CAMs over epochs: {path.name} does not fit the "
+                                      f"run's model ({str(exc).splitlines()[0][:160]})")
+                    continue
+                res = grad_cam(model, x, classes=top, stitch=stitch, max_batch=self.cfg.batch_size)
                 per_epoch.append((e, res.upsampled(size).cpu().numpy(), res.peaks.cpu().numpy(),
                                   res.scores.cpu().numpy()))
         finally:
@@ -470,12 +501,22 @@ class _RunReport(_Builder):
                  + "".join(lines))
 
 
+def _epochs_fit(files: list[tuple[int, Path]], info: dict) -> bool:
+    """Kept epochs all within the run's epoch count (a folder reused without clearing holds more)."""
+    try:
+        return max(e for e, _ in files) <= int(info.get("epochs") or 0)
+    except (TypeError, ValueError):
+        return False
+
+
 class _StoreReport(_Builder):
     """The report of a label store (no classifier: no CAMs)."""
 
     def build(self, path: Path, ds: MultiLabelSet) -> tuple[pg.Page, str]:
         with LabelStore.open(path, mode="r", expect_classes=ds.class_names) as st:
             rows, notes = labelled_rows(st, ds, allow_incomplete=True)
+            if rows.size == 0:
+                raise StoreError(f"{path} has no labelled rows yet: finish it with `cdul-fast label ... --resume`")
             self.notes += notes
             arrays = {a: np.array(st.array(a))[rows] for a in st.array_names}
             meta = dict(st.meta)
@@ -485,7 +526,7 @@ class _StoreReport(_Builder):
                        f"{__version__} · {time.strftime('%Y-%m-%d %H:%M')}")
         names = ds.class_names
         if ds.labels is not None:
-            aps = {a: average_precision(v, ds.labels[rows]) for a, v in arrays.items()}
+            aps = {a: _ap(v, ds.labels[rows]) for a, v in arrays.items()}
             positives = (ds.labels[rows] == POSITIVE).sum(0)
             body = [[pg.esc(n), str(int(positives[i])), *[_pct(ap[i]) for ap in aps.values()]]
                     for i, n in enumerate(names)]
@@ -508,26 +549,30 @@ class _StoreReport(_Builder):
         self.sweep(page, path)
         self.notes.append("class activation maps need a trained classifier: report a run folder of `cdul-fast train`")
         shown = {k: v for k, v in meta.items() if k != "embeddings" and len(str(v)) < 400}
-        page.add("config", "Store metadata", pg.definition_list(sorted(shown.items())))
+        page.add("config", "Store metadata", pg.definition_list(sorted(shown.items(), key=lambda kv: str(kv[0]))))
         return page, "store"
 
 
 def _read_log(path: Path) -> list[dict]:
-    """log.csv rows as numbers (empty cells: None); [] when there is no log."""
+    """log.csv rows as numbers (empty or unreadable cells: None; rows without an epoch left out); [] when there is no
+    readable log."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-    except OSError:
+    except (OSError, UnicodeDecodeError, csv.Error):
         return []
     out = []
     for r in rows:
         row: dict = {}
         for k, v in r.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                continue  # extra or missing fields of a damaged row
             try:
-                row[k] = None if v in ("", None) else (int(v) if k == "epoch" else float(v))
+                row[k] = None if v == "" else (int(v) if k == "epoch" else float(v))
             except ValueError:
                 row[k] = None
-        out.append(row)
+        if row.get("epoch") is not None:
+            out.append(row)
     return out
 
 

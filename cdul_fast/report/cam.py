@@ -14,6 +14,7 @@ there, without retraining or changing the input scale.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,25 +31,37 @@ AUTO_CELLS = 8
 
 @dataclass
 class CamResult:
-    """CAMs of ``classes`` (ranked by score) for a batch of S x S inputs."""
+    """CAMs of ``classes`` (ranked by score) for a batch of inputs [B, 3, H, W]."""
 
     maps: torch.Tensor  # float32 [B, K, h', w'] in [0, 1] (each map divided by its maximum), h' = stitch * h
     classes: torch.Tensor  # int64 [B, K]
     scores: torch.Tensor  # float32 [B, K] sigmoid probabilities of the unshifted image
-    peaks: torch.Tensor  # float32 [B, K, 2]: (x, y) of each map's maximum, in input pixels (cell centres)
-    stride: float  # input pixels per map cell
+    peaks: torch.Tensor  # float32 [B, K, 2]: (x, y) of each map's maximum cell centre, input pixels; NaN: all zero
+    stride: float  # input pixels per map cell (the network's stride / stitch)
+    input_size: tuple[int, int]  # (H, W) of the inputs; the cells cover the top-left h' x w' cells of stride pixels
+    stitch: int = 1  # shifted copies per axis
 
     def upsampled(self, size: int) -> torch.Tensor:
-        """The maps bilinearly resized to size x size ([B, K, size, size]; cell centres stay where they are)."""
+        """The maps on a size x size grid over the input ([B, K, size, size]): bilinear over the pixels the cells
+        cover (cell centres stay where they are), zero where a trunk that floors its map covers nothing."""
         b, k, h, w = self.maps.shape
-        up = F.interpolate(self.maps.reshape(b * k, 1, h, w), size=(size, size), mode="bilinear", align_corners=False)
+        in_h, in_w = self.input_size
+        cov_h = min(size, max(1, round(h * self.stride * size / in_h)))
+        cov_w = min(size, max(1, round(w * self.stride * size / in_w)))
+        up = F.interpolate(self.maps.reshape(b * k, 1, h, w), size=(cov_h, cov_w), mode="bilinear",
+                           align_corners=False)
+        up = F.pad(up, (0, size - cov_w, 0, size - cov_h))
         return up.reshape(b, k, size, size).clamp_(0.0, 1.0)
 
 
 def _split(model: nn.Module):
+    """(features -> NCHW map, head taking that map): timm's split, with channels-last maps (Swin) permuted."""
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         raise ConfigError(f"{type(model).__name__} has no forward_features/forward_head split: class activation maps "
                           "need a convolutional classifier (timm CNNs, shapesnet, clipres)")
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return (lambda x: model.forward_features(x).permute(0, 3, 1, 2),
+                lambda a: model.forward_head(a.permute(0, 2, 3, 1)))
     return model.forward_features, model.forward_head
 
 
@@ -66,16 +79,38 @@ def _offsets(stride: int, stitch: int) -> list[int]:
     return [j * step - stride // 2 + step // 2 for j in range(stitch)]
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = None, top_k: int = 3,
-             stitch: int | str = "auto") -> CamResult:
-    """Grad-CAMs of normalized inputs ``x`` [B, 3, S, S] for ``classes`` [B, K] (default: each image's top_k).
+def _network_stride(size: int, cells: int) -> int:
+    """The trunk's stride: a power of two (a trunk that floors its map gives 3 cells at 112 px for stride 32)."""
+    return 2 ** max(0, round(math.log2(size / cells)))
 
-    The model is put in eval mode for the call and restored after; its parameters get no gradients.
+
+def _choose_stitch(stitch: int | str, stride: int, side: int) -> int:
+    if stitch == "auto":
+        s = auto_stitch(side)
+        while s > 1 and stride % (2 * s):
+            s //= 2
+        return s
+    try:
+        s = int(stitch)
+    except (TypeError, ValueError):
+        s = 0
+    if s == 1 or (s in (2, 4) and stride % (2 * s) == 0):
+        return s
+    raise ConfigError(f"stitch must be 'auto' or 1, 2, 4 dividing half the network's stride ({stride} px), "
+                      f"got {stitch!r}")
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = None, top_k: int = 3,
+             stitch: int | str = "auto", max_batch: int | None = None) -> CamResult:
+    """Grad-CAMs of normalized inputs ``x`` [B, 3, H, W] for ``classes`` [B, K] (default: each image's top_k).
+
+    The model runs in eval mode for the call (every submodule's mode is restored after); its parameters get no
+    gradients. ``max_batch`` bounds the images (shifted copies included) per trunk call.
     """
     if x.ndim != 4 or x.shape[1] != 3:
-        raise ConfigError(f"grad_cam expects images [B, 3, S, S], got {tuple(x.shape)}")
+        raise ConfigError(f"grad_cam expects images [B, 3, H, W], got {tuple(x.shape)}")
     features, head = _split(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
@@ -90,35 +125,28 @@ def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = N
                 raise ConfigError(f"top_k must be >= 1, got {top_k}")
             classes = probs.topk(k, dim=1).indices
         classes = classes.to(device=x.device, dtype=torch.long)
-        if classes.ndim != 2 or classes.shape[0] != x.shape[0]:
-            raise ConfigError(f"classes must be [B, K] with B = {x.shape[0]}, got {tuple(classes.shape)}")
-        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= probs.shape[1]):
+        if classes.ndim != 2 or classes.shape[0] != x.shape[0] or classes.shape[1] < 1:
+            raise ConfigError(f"classes must be [B, K] with B = {x.shape[0]} and K >= 1, got {tuple(classes.shape)}")
+        if int(classes.min()) < 0 or int(classes.max()) >= probs.shape[1]:
             raise ConfigError(f"class indices must be in [0, {probs.shape[1]})")
-        h, w = a0.shape[-2:]
-        size_h, size_w = x.shape[-2:]
-        if size_h % h or size_w % w or size_h // h != size_w // w:
-            stride_px, s = size_h / h, 1  # no integer stride: no stitching
-        else:
-            stride_px = size_h // h
-            s = auto_stitch(max(h, w)) if stitch == "auto" else int(stitch)
-            if not 1 <= s <= MAX_STITCH or stride_px % (2 * s) and s > 1:
-                s = 1 if stitch == "auto" else _bad_stitch(stitch, int(stride_px))
-        maps = _stitched(features, head, x, classes, s, int(stride_px) if s > 1 else 0, a0 if s == 1 else None)
+        (h, w), (size_h, size_w) = a0.shape[-2:], x.shape[-2:]
+        stride = _network_stride(size_h, h)
+        if _network_stride(size_w, w) != stride:
+            raise ConfigError(f"the feature map {h} x {w} of a {size_h} x {size_w} input has no single stride")
+        s = _choose_stitch(stitch, stride, max(h, w))
+        maps = _stitched(features, head, x, classes, s, stride, a0, max_batch)
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     b, kk, mh, mw = maps.shape
     flat = maps.reshape(b, kk, -1)
     top = flat.amax(dim=2, keepdim=True)
     maps = (flat / top.clamp_min(1e-12)).reshape(b, kk, mh, mw)
     idx = flat.argmax(dim=2)
-    fine = stride_px / s
+    fine = stride / s
     peaks = torch.stack([(idx % mw).float() + 0.5, (idx // mw).float() + 0.5], dim=-1) * fine
-    return CamResult(maps, classes, probs.gather(1, classes), peaks, float(fine))
-
-
-def _bad_stitch(stitch, stride: int) -> int:
-    raise ConfigError(f"stitch must be 'auto' or 1..{MAX_STITCH} dividing half the network's stride ({stride} px), "
-                      f"got {stitch!r}")
+    peaks[(top[..., 0] <= 0)] = float("nan")  # no positive evidence anywhere: no peak
+    return CamResult(maps, classes, probs.gather(1, classes), peaks, float(fine), (int(size_h), int(size_w)), s)
 
 
 def _cams(features, head, x: torch.Tensor, classes: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,8 +167,13 @@ def _cams(features, head, x: torch.Tensor, classes: torch.Tensor, a: torch.Tenso
     return torch.stack(out, dim=1).detach()
 
 
-def _stitched(features, head, x: torch.Tensor, classes: torch.Tensor, s: int, stride: int,
-              a0: torch.Tensor | None) -> torch.Tensor:
+def _stitched(features, head, x: torch.Tensor, classes: torch.Tensor, s: int, stride: int, a0: torch.Tensor,
+              max_batch: int | None) -> torch.Tensor:
+    b = x.shape[0]
+    chunk = max(1, (max_batch or b * s * s) // (s * s))
+    if b > chunk:
+        return torch.cat([_stitched(features, head, x[i:i + chunk], classes[i:i + chunk], s, stride,
+                                    a0[i:i + chunk], max_batch) for i in range(0, b, chunk)], dim=0)
     if s == 1:
         return _cams(features, head, x, classes, a0)
     offs = _offsets(stride, s)
@@ -148,9 +181,7 @@ def _stitched(features, head, x: torch.Tensor, classes: torch.Tensor, s: int, st
     size_h, size_w = x.shape[-2:]
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     crops = [padded[:, :, pad + dy:pad + dy + size_h, pad + dx:pad + dx + size_w] for dy in offs for dx in offs]
-    b = x.shape[0]
-    stacked = torch.cat(crops, dim=0)  # [s*s*B, 3, S, S], shift-major
-    cams = _cams(features, head, stacked, classes.repeat(s * s, 1))
+    cams = _cams(features, head, torch.cat(crops, dim=0), classes.repeat(s * s, 1))  # [s*s*B, ...], shift-major
     k, h, w = cams.shape[1:]
     cams = cams.reshape(s, s, b, k, h, w)  # [dy, dx, B, K, h, w]
     # cell (i, j) of copy (dy, dx) is centred at (stride i + dy-th fine offset, ...): fine index i*s + dy

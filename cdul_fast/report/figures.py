@@ -37,6 +37,7 @@ def curves_png(history: list[dict]) -> bytes:
     """Loss and mAP per epoch: pseudo labels (train) and the classifier (test), as in the run's log."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    history = [h for h in history if h.get("epoch") is not None]
     pts = [(h["epoch"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
     if pts:
         a.plot(*zip(*pts), marker="o", color="#444")
@@ -70,7 +71,7 @@ def histograms_png(global_scores: np.ndarray, local_scores: np.ndarray, class_na
         ax.hist(global_scores[:, i], bins=bins, histtype="stepfilled", alpha=0.45, color="#7570b3", label="global")
         ax.hist(local_scores[:, i], bins=bins, histtype="step", linewidth=1.6, color="#d95f02", label=local_name)
         ax.set_yscale("log")
-        ax.set_title(class_names[i], fontsize=9)
+        ax.set_title(class_names[i], fontsize=9, parse_math=False)  # a '$' in a class name is text
         ax.tick_params(labelsize=7)
         if i == 0:
             ax.legend(fontsize=7)
@@ -113,7 +114,7 @@ def cam_overlay(img: Image.Image, cam: np.ndarray, peak_xy: tuple[float, float] 
                                                                                        Image.Resampling.BILINEAR)
     colour = Image.fromarray(_jet(np.asarray(heat, dtype=np.float32) / 255.0))
     out = Image.blend(base, colour, alpha)
-    if peak_xy is not None:
+    if peak_xy is not None and all(math.isfinite(v) for v in peak_xy):  # NaN: the map has no positive cell
         s = cam.shape[0]
         x, y = peak_xy[0] * w / s, peak_xy[1] * h / s
         d = ImageDraw.Draw(out)

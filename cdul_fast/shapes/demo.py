@@ -41,19 +41,19 @@ def where_to_look(out: Path, root: Path, train_opts: dict, test_opts: dict, trai
              f"  shapes world              {root}/ (train/, test/: JPEGs + manifest.json)",
              f"  label store (train)       {out / 'train.cdul'}"]
     cmds = [f"cdul-fast eval --labels {q(out / 'train.cdul')} {_dataset_flags(root, 'train', train_opts)}"]
+    report = [f"  HTML report               {out / 'report' / 'index.html'} (open it in a browser)"]
     if trained:
         lines += [f"  training run              {out / 'run'}/ (config.yaml, log.csv, checkpoint.pt, model.*)",
                   f"  curves                    {out / 'run' / 'curves.png'}",
                   f"  ONNX model                {out / 'model.onnx'}",
-                  f"  test predictions          {out / 'test_scores.csv'}",
-                  f"  HTML report               {out / 'report' / 'index.html'} (open it in a browser)"]
+                  f"  test predictions          {out / 'test_scores.csv'}"]
         cmds += [f"cdul-fast predict --model {q(out / 'model.onnx')} {_dataset_flags(root, 'test', test_opts)}",
                  f"cdul-fast predict --model {q(out / 'model.onnx')} --images {q(root / 'test')} "
                  f"--out {q(out / 'my_scores.csv')}",
                  f"column -s, -t < {q(out / 'run' / 'log.csv')}",
-                 f"head -3 {q(out / 'test_scores.csv')}",
-                 f"xdg-open {q(out / 'report' / 'index.html')}"]
-    return lines + ["Look at them:"] + [f"  {c}" for c in cmds]
+                 f"head -3 {q(out / 'test_scores.csv')}"]
+    cmds.append(f"xdg-open {q(out / 'report' / 'index.html')}")
+    return lines + report + ["Look at them:"] + [f"  {c}" for c in cmds]
 
 
 def run_demo(args: dict) -> int:
@@ -91,10 +91,13 @@ def run_demo(args: dict) -> int:
     _log(format_table(reports, per_class=False))
     summary = {f"pseudo labels (train), {k}": r.map * 100 for k, r in reports.items()}
     if args.get("skip_train"):
+        _log("\nwriting the report of the label store (per-class AP, score distributions, tags)")
+        report = _report(store, out, device, progress, train_ds)
         _log("")
         for line in where_to_look(out, root, train_opts, test_opts, trained=False):
             _log(line)
         _log(f"done in {time.perf_counter() - t0:.0f}s")
+        _log(f"report: {report.resolve()}")
         return 0
 
     _log("\n[3/6] training the classifier (KL loss, latent pseudo-label updates after the warm-up)")
@@ -130,11 +133,7 @@ def run_demo(args: dict) -> int:
     summary["pseudo labels of the test split, cdul (reference)"] = test_reports["final"].map * 100
 
     _log("[6/6] writing the report (curves, per-class AP, tags, class activation maps)")
-    from ..report.build import ReportConfig, build_report
-
-    report = build_report(ReportConfig(source=str(out / "run"), out=str(out / "report"), device=device,
-                                       progress=progress))
-    _log(f"      {report.path} ({report.seconds:.0f}s)")
+    report = _report(out / "run", out, device, progress)
 
     _log("\nSummary (mAP %):")
     width = max(len(k) for k in summary)
@@ -144,4 +143,15 @@ def run_demo(args: dict) -> int:
     for line in where_to_look(out, root, train_opts, test_opts, trained=True):
         _log(line)
     _log(f"done in {time.perf_counter() - t0:.0f}s")
+    _log(f"report: {report.resolve()}")
     return 0
+
+
+def _report(source: Path, out: Path, device: str, progress: bool, dataset=None) -> Path:
+    """The HTML report of the run (or, without training, of the label store) in ``out/report``."""
+    from ..report.build import ReportConfig, build_report
+
+    res = build_report(ReportConfig(source=str(source), out=str(out / "report"), device=device, progress=progress),
+                       dataset)
+    _log(f"      {res.path} ({res.seconds:.0f}s)")
+    return res.path

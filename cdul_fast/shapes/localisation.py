@@ -50,11 +50,14 @@ class Localisation:
         return float(np.mean(self.hits)) if self.hits else float("nan")
 
     def chance(self) -> float:
-        """The same peaks against the boxes of the next detected pair (another image): what luck alone scores."""
-        if len(self.peaks) < 2:
-            return float("nan")
-        other = self.boxes[1:] + self.boxes[:1]
-        return float(np.mean([peak_in_boxes(p, b) for p, b in zip(self.peaks, other)]))
+        """Each peak against the boxes of the next detected pair of another image: what luck alone scores."""
+        n = len(self.peaks)
+        hits = []
+        for i in range(n):
+            j = next((j % n for j in range(i + 1, i + n) if self.rows[j % n] != self.rows[i]), None)
+            if j is not None:
+                hits.append(peak_in_boxes(self.peaks[i], self.boxes[j]))
+        return float(np.mean(hits)) if hits else float("nan")
 
 
 def cam_localisation(model: torch.nn.Module, info: dict, ds: MultiLabelSet, stitch: int | str = "auto",

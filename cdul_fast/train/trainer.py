@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -262,6 +263,8 @@ class Trainer:
                 raise StoreError(f"none of the {labelled} labelled images of {self.train_ds.name}/"
                                  f"{self.train_ds.split} can be decoded now: there is nothing to train on")
             self._prepare_out(src)
+            if ck is None:  # a fresh start: per-epoch weights of an earlier run in this folder are not this run's
+                shutil.rmtree(self.out / "epochs", ignore_errors=True)
         if ck is not None:
             self._restore_labels(ck)
         self.expected_pos = float((np.asarray(self.store.array("init"))[self.rows] >= cfg.hard_threshold).sum(1)
