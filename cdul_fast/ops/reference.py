@@ -111,3 +111,42 @@ def labels_to_latent(labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Latent parameters of pseudo labels: sigma^-1(y), with y clamped to [eps, 1 - eps]."""
     y = labels.float().clamp(eps, 1.0 - eps)
     return torch.log(y / (1.0 - y))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Novel category discovery (Jia et al., ICCV 2021, section 3.2): WTA hashing and the pairwise BCE of eq. 6-8.
+# ``M`` items, ``D`` feature width, ``H`` hashes (permutations), ``k`` the WTA window, ``C`` novel classes.
+
+
+def wta_permutations(dim: int, hashes: int, seed: int = 0) -> torch.Tensor:
+    """H random permutations of range(dim), int64 [H, dim]; seeded, the same on every device."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.stack([torch.randperm(dim, generator=g) for _ in range(hashes)])
+
+
+def wta_codes(z: torch.Tensor, perms: torch.Tensor, k: int) -> torch.Tensor:
+    """WTA hash codes [M, H] (int64): for permutation h, the position in 0..k-1 of the largest of the first k
+    permuted entries of each row of ``z`` [M, D] (ties: the first). Only the order of the entries matters."""
+    window = perms[:, :k].to(z.device)  # [H, k]
+    return z.float()[:, window].argmax(dim=-1)  # [M, H, k] -> [M, H]
+
+
+def wta_pair_labels(codes: torch.Tensor, mu: int) -> torch.Tensor:
+    """Eq. 6: s_ij = 1 where the codes of i and j agree on at least ``mu`` of the H hashes; float32 [M, M]."""
+    agree = (codes[:, None, :] == codes[None, :, :]).sum(dim=-1)
+    return (agree >= mu).float()
+
+
+def pairwise_bce(probs: torch.Tensor, pairs: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Eq. 7-8: mean over all M x M pairs of the BCE between s_ij and p_i . p_j, ``probs`` [M, C] the softmax of
+    the novel head; p_i . p_j is clamped to [eps, 1 - eps]. A scalar float32 tensor (differentiable in probs)."""
+    p = probs if probs.dtype == torch.float64 else probs.float()  # float64 stays (gradient checks)
+    sim = (p @ p.t()).clamp(eps, 1.0 - eps)
+    s = pairs.to(p.dtype)
+    return -(s * sim.log() + (1.0 - s) * (1.0 - sim).log()).mean()
+
+
+def wta_pairwise_bce(probs: torch.Tensor, codes: torch.Tensor, mu: int, eps: float = 1e-7) -> torch.Tensor:
+    """The twin of the fused kernel: WTA codes [M, H] -> agreement counts -> s_ij -> BCE with p_i . p_j (eq. 6-8),
+    a scalar. The reference forms the M x M matrices; the kernel tiles them."""
+    return pairwise_bce(probs, wta_pair_labels(codes, mu), eps)

@@ -1,0 +1,80 @@
+"""Data for discovery: known classes with labels, novel classes without, as tensors in memory.
+
+The embedded default is scikit-learn's bundled handwritten digits (8 x 8, 1797 images): classes 0-4 labelled,
+5-9 novel, mirroring CIFAR-10's 5/5 split; a stratified hold-out split gives a test set of unseen images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+
+@dataclass
+class DiscoverData:
+    """Train images split into labelled (known classes) and unlabelled (novel classes), plus a held-out test set.
+
+    ``x_*`` float32 [N, C, H, W] in [0, 1]; ``y_*`` int64 ground truth (the novel ground truth is only used to
+    evaluate); ``labelled`` bool [N_train]; ``known``/``novel`` the class ids; names for display."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: np.ndarray
+    labelled: np.ndarray
+    x_test: torch.Tensor
+    y_test: np.ndarray
+    known: tuple[int, ...]
+    novel: tuple[int, ...]
+    class_names: tuple[str, ...]
+
+    @property
+    def unlabelled(self) -> np.ndarray:
+        return ~self.labelled
+
+    def known_index(self, y: np.ndarray) -> np.ndarray:
+        """Ground-truth labels as known-head targets (0..C^l-1), -1 for novel classes."""
+        lut = np.full(max(len(self.class_names), int(y.max()) + 1), -1, dtype=np.int64)
+        lut[list(self.known)] = np.arange(len(self.known))
+        return lut[y]
+
+
+def digits(known: int = 5, test_fraction: float = 0.2, split_seed: int = 0) -> DiscoverData:
+    """scikit-learn's digits: classes 0..known-1 labelled, the rest novel; a stratified held-out test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 1 <= known <= 9:
+        raise ConfigError(f"digits: known classes must be 1..9, got {known}")
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]
+    y = d.target.astype(np.int64)
+    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y,
+                                      random_state=split_seed)
+    return DiscoverData("digits", torch.from_numpy(x[idx_tr]), y[idx_tr], y[idx_tr] < known,
+                        torch.from_numpy(x[idx_te]), y[idx_te], tuple(range(known)), tuple(range(known, 10)),
+                        tuple(str(i) for i in range(10)))
+
+
+def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """A random view: small rotation, scale and shift (one affine warp per image), brightness jitter and noise —
+    SimCLR's recipe cut down to what small grey images support."""
+    b = x.shape[0]
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(b, generator=g) * (hi - lo) + lo
+
+    angle = u(-0.26, 0.26) * strength  # +-15 degrees
+    scale = 1.0 + u(-0.12, 0.12) * strength
+    tx, ty = u(-0.2, 0.2) * strength, u(-0.2, 0.2) * strength
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+    out = out * u(0.7, 1.3).to(x.device).view(b, 1, 1, 1)
+    out = out + 0.05 * strength * torch.randn(x.shape, generator=g).to(x.device)
+    return out.clamp_(0.0, 1.0)

@@ -1,0 +1,49 @@
+"""The discovery network (Jia et al., Fig. 1, single-modal): encoder f -> z, fusion eta -> z-bar (identity for one
+modality), MLP projection h -> L2-normalized z-hat for the contrastive losses, and two linear heads on z-bar: phi^l
+(known classes) and phi^u (novel classes). ``encoders`` is a dict so a second modality (audio) plugs in with eta a
+learned fusion of the concatenated features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SmallConv(nn.Module):
+    """A 3-layer CNN for small grey images (digits 8 x 8, shapes thumbnails): -> ``dim`` non-negative features."""
+
+    def __init__(self, in_ch: int = 1, dim: int = 128, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_ch, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * width, 4 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(4 * width), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(16 * width, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DiscoveryNet(nn.Module):
+    def __init__(self, encoders: dict[str, nn.Module], feat_dim: int, known: int, novel: int,
+                 proj_dim: int = 128) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        width = feat_dim * len(encoders)
+        self.eta = nn.Identity() if len(encoders) == 1 else nn.Sequential(nn.Linear(width, feat_dim), nn.ReLU())
+        self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(inplace=True),
+                                                    nn.Linear(feat_dim, proj_dim)) for m in encoders})
+        self.head_known = nn.Linear(feat_dim, known)
+        self.head_novel = nn.Linear(feat_dim, novel)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """z-bar [B, d], z-hat per modality [B, proj], logits of both heads."""
+        z = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+        zbar = self.eta(torch.cat([z[m] for m in self.encoders], dim=1))
+        out = {"zbar": zbar, "known": self.head_known(zbar), "novel": self.head_novel(zbar)}
+        for m in self.encoders:
+            out[f"zhat_{m}"] = F.normalize(self.proj[m](z[m]), dim=1)
+        return out

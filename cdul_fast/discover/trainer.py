@@ -1,0 +1,182 @@
+"""End-to-end discovery training (Jia et al. eq. 10): L = CE + BCE + (1 - omega) L_CL + omega L_MSE.
+
+Choices where the paper is silent (all in ``DiscoverConfig``): tau = 0.1; lambda = 1 (with lambda > 1 the
+contrastive weight 1 - omega would turn negative); Adam, lr 1e-3, cosine schedule; batches drawn uniformly from the
+labelled and unlabelled items (as the paper's x_i ~ Unif(D^u u D^l)), two augmented views each; the pairwise labels
+come from view 1's z-bar, detached, and the BCE pairs view 1's novel-head probabilities with each other over all
+M x M unlabelled pairs of the batch (the diagonal included, s_ii = 1); CE on view 1 of the labelled items; WTA with
+H = the feature width and mu = 0.47 H (the paper's 240 of 512), k = 4.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..ops import reference as ref
+from .data import DiscoverData, augment
+from .losses import consistency_mse, known_ce, nce_losses, ramp_up
+from .metrics import ClusterScores, cluster_scores
+from .model import DiscoveryNet, SmallConv
+
+PAIR_METHODS = ("wta", "rankstats", "cosine")
+
+
+@dataclass
+class DiscoverConfig:
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    tau: float = 0.1
+    ramp_lambda: float = 1.0
+    feat_dim: int = 128
+    proj_dim: int = 128
+    pairs: str = "wta"
+    wta_hashes: int | None = None  # None = feat_dim
+    wta_k: int = 4
+    wta_mu_fraction: float = 0.47
+    rank_k: int = 5  # rankstats: pairs whose top-k feature sets agree
+    cosine_threshold: float = 0.9
+    use_ce: bool = True
+    use_bce: bool = True
+    use_mse: bool = True
+    use_nce_i: bool = True
+    use_nce_c: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.pairs not in PAIR_METHODS:
+            raise ConfigError(f"pairs must be one of {', '.join(PAIR_METHODS)}, got {self.pairs!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ConfigError("epochs must be >= 1 and batch_size >= 2")
+        if not 0 < self.wta_mu_fraction <= 1 or self.wta_k < 2:
+            raise ConfigError("wta_mu_fraction must be in (0, 1] and wta_k >= 2")
+
+
+@dataclass
+class DiscoverResult:
+    model: DiscoveryNet
+    train_novel: ClusterScores  # transductive: the unlabelled training items (the headline)
+    test_novel: ClusterScores  # held-out novel-class images
+    test_known_acc: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def pair_labels(zbar: torch.Tensor, cfg: DiscoverConfig, perms: torch.Tensor) -> torch.Tensor:
+    """Pairwise pseudo labels [M, M] of detached features: WTA (eq. 6), ranking statistics (Han et al.: equal
+    top-k index sets) or a cosine threshold — the alternatives of the paper's Table 7."""
+    z = zbar.detach().float()
+    if cfg.pairs == "wta":
+        mu = max(1, round(cfg.wta_mu_fraction * perms.shape[0]))
+        return ref.wta_pair_labels(ref.wta_codes(z, perms, cfg.wta_k), mu)
+    if cfg.pairs == "rankstats":
+        top = torch.zeros_like(z, dtype=torch.bool).scatter_(1, z.topk(cfg.rank_k, dim=1).indices, True)
+        return (top.float() @ top.float().t() >= cfg.rank_k).float()
+    zn = torch.nn.functional.normalize(z, dim=1)
+    return (zn @ zn.t() >= cfg.cosine_threshold).float()
+
+
+def _predict(model: DiscoveryNet, x: torch.Tensor, device, batch: int = 512) -> dict[str, torch.Tensor]:
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            o = model({"image": x[i:i + batch].to(device)})
+            outs.append({k: v.cpu() for k, v in o.items() if k in ("zbar", "known", "novel")})
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]} if outs else {}
+
+
+def evaluate(model: DiscoveryNet, data: DiscoverData, device) -> tuple[ClusterScores, ClusterScores, float]:
+    """Novel-head clusters scored on the unlabelled train items and the held-out novel images (Hungarian ACC, NMI,
+    ARI), and the known head's accuracy on the held-out known images."""
+    tr = _predict(model, data.x_train[torch.from_numpy(data.unlabelled)], device)
+    train_novel = cluster_scores(data.y_train[data.unlabelled], tr["novel"].argmax(1).numpy())
+    novel_te = np.isin(data.y_test, data.novel)
+    te = _predict(model, data.x_test, device)
+    test_novel = cluster_scores(data.y_test[novel_te], te["novel"][torch.from_numpy(novel_te)].argmax(1).numpy())
+    known_te = ~novel_te
+    acc = float((te["known"][torch.from_numpy(known_te)].argmax(1).numpy()
+                 == data.known_index(data.y_test[known_te])).mean()) if known_te.any() else float("nan")
+    return train_novel, test_novel, acc
+
+
+def features(model: DiscoveryNet, x: torch.Tensor, device) -> np.ndarray:
+    """z-bar of images (for k-means baselines)."""
+    return _predict(model, x, device)["zbar"].numpy()
+
+
+def run_discover(data: DiscoverData, cfg: DiscoverConfig, log: Callable[[str], None] = lambda s: None
+                 ) -> DiscoverResult:
+    cfg.validate()
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    in_ch = data.x_train.shape[1]
+    model = DiscoveryNet({"image": SmallConv(in_ch, cfg.feat_dim)}, cfg.feat_dim, len(data.known), len(data.novel),
+                         cfg.proj_dim).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = data.x_train.shape[0]
+    steps = math.ceil(n / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
+    perms = ref.wta_permutations(cfg.feat_dim, cfg.wta_hashes or cfg.feat_dim, cfg.seed)
+    y_known = torch.from_numpy(np.where(data.labelled, data.known_index(data.y_train), -1))
+    g = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        omega = ramp_up(epoch, cfg.epochs, cfg.ramp_lambda)
+        order = torch.randperm(n, generator=g)
+        sums: dict[str, float] = {}
+        for s in range(steps):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            if idx.numel() < 2:
+                continue
+            x = data.x_train[idx]
+            v1, v2 = augment(x, g).to(device), augment(x, g).to(device)
+            y = y_known[idx].to(device)
+            o = model({"image": torch.cat([v1, v2])})
+            b = idx.numel()
+            lab, unl = y >= 0, y < 0
+            parts = {}
+            zero = o["zbar"].sum() * 0.0
+            nce_i, nce_c = nce_losses(o["zhat_image"], y, cfg.tau)
+            parts["cl"] = (nce_i if cfg.use_nce_i else zero) + (nce_c if cfg.use_nce_c else zero)
+            parts["ce"] = known_ce(o["known"][:b], y) if cfg.use_ce else zero
+            p_nov = torch.softmax(o["novel"], dim=1)
+            if cfg.use_bce and unl.sum() >= 2:
+                s_ij = pair_labels(o["zbar"][:b][unl], cfg, perms)
+                parts["bce"] = ref.pairwise_bce(p_nov[:b][unl], s_ij)
+            else:
+                parts["bce"] = zero
+            if cfg.use_mse:
+                p_kn = torch.softmax(o["known"], dim=1)
+                mse = zero
+                if lab.any():
+                    mse = mse + consistency_mse(p_kn[:b][lab], p_kn[b:][lab]) * lab.float().mean()
+                if unl.any():
+                    mse = mse + consistency_mse(p_nov[:b][unl], p_nov[b:][unl]) * unl.float().mean()
+                parts["mse"] = mse
+            else:
+                parts["mse"] = zero
+            loss = parts["ce"] + parts["bce"] + (1.0 - omega) * parts["cl"] + omega * parts["mse"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        row = {"epoch": epoch + 1, "omega": round(omega, 4), **{k: v / steps for k, v in sums.items()}}
+        history.append(row)
+        if (epoch + 1) % max(1, cfg.epochs // 5) == 0:
+            log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    train_novel, test_novel, known_acc = evaluate(model, data, device)
+    return DiscoverResult(model, train_novel, test_novel, known_acc, history, time.perf_counter() - t0)

@@ -1,0 +1,121 @@
+"""Novel category discovery (Jia et al., ICCV 2021): the math of eq. 1-10 against direct transcriptions, the
+metrics against brute force, and a reduced digits run against k-means."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cdul_fast.discover.baselines import kmeans_scores, variant
+from cdul_fast.discover.data import augment, digits
+from cdul_fast.discover.losses import consistency_mse, nce_losses, ramp_up
+from cdul_fast.discover.metrics import cluster_accuracy, cluster_scores
+from cdul_fast.discover.trainer import DiscoverConfig, pair_labels, run_discover
+from cdul_fast.ops import reference as ref
+
+
+def test_wta_codes_follow_the_definition_and_only_the_order(torch_seed):
+    z = torch.randn(7, 12)
+    perms = ref.wta_permutations(12, 20, seed=3)
+    codes = ref.wta_codes(z, perms, k=4)
+    for i, h in itertools.product(range(7), range(20)):
+        window = [float(z[i, perms[h, j]]) for j in range(4)]  # the first k entries of rho_h(z_i)
+        assert int(codes[i, h]) == int(np.argmax(window))
+    assert torch.equal(codes, ref.wta_codes(torch.exp(2 * z) + 3, perms, k=4))  # a monotone map changes nothing
+    assert torch.equal(perms, ref.wta_permutations(12, 20, seed=3)) and sorted(perms[5].tolist()) == list(range(12))
+
+
+def test_wta_pair_labels_count_agreements():
+    codes = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [3, 3, 3, 3]])
+    assert ref.wta_pair_labels(codes, 3).tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    assert ref.wta_pair_labels(codes, 4).tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+
+
+def test_pairwise_bce_is_eq_7_8_and_differentiable():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(5, 3, generator=g, dtype=torch.float64), 1).requires_grad_(True)
+    s = (torch.rand(5, 5, generator=g) > 0.5).double()
+    want = 0.0
+    for i, j in itertools.product(range(5), range(5)):
+        d = float(p[i].detach() @ p[j].detach())
+        want -= float(s[i, j]) * math.log(d) + (1 - float(s[i, j])) * math.log(1 - d)
+    assert float(ref.pairwise_bce(p, s)) == pytest.approx(want / 25, rel=1e-5)
+    assert torch.autograd.gradcheck(lambda q: ref.pairwise_bce(torch.softmax(q, 1), s, eps=1e-12).double(),
+                                    (torch.randn(5, 3, dtype=torch.float64, requires_grad=True),))
+    codes = torch.randint(0, 4, (5, 16), generator=g)
+    assert float(ref.wta_pairwise_bce(p, codes, 8)) == float(ref.pairwise_bce(p, ref.wta_pair_labels(codes, 8)))
+
+
+def _nce_loops(z: torch.Tensor, y: list[int], tau: float) -> tuple[float, float]:
+    """Eq. 1-3 written out with loops over i, n and q."""
+    n2 = z.shape[0]
+    n = n2 // 2
+    ys = y + y
+    li = lc = 0.0
+    for i in range(n2):
+        denom = sum(math.exp(float(z[i] @ z[m]) / tau) for m in range(n2) if m != i)
+        partner = (i + n) % n2
+        li += -math.log(math.exp(float(z[i] @ z[partner]) / tau) / denom)
+        q = [m for m in range(n2) if m != i and ys[i] >= 0 and ys[m] == ys[i]]
+        if q:
+            lc += -sum(math.log(math.exp(float(z[i] @ z[m]) / tau) / denom) for m in q) / len(q)
+    return li / n2, lc / n2
+
+
+def test_nce_i_and_nce_c_are_eq_1_to_3(torch_seed):
+    z = torch.nn.functional.normalize(torch.randn(8, 5, dtype=torch.float64), dim=1)
+    y = [0, 1, 0, -1]
+    nce_i, nce_c = nce_losses(z, torch.tensor(y), tau=0.5)
+    want_i, want_c = _nce_loops(z, y, 0.5)
+    assert float(nce_i) == pytest.approx(want_i, rel=1e-6) and float(nce_c) == pytest.approx(want_c, rel=1e-6)
+    assert float(nce_losses(z, torch.full((4,), -1), 0.5)[1]) == 0.0  # unlabelled only: Q(i) is empty
+
+
+def test_ramp_up_and_consistency():
+    assert ramp_up(0, 10, 1.0) == pytest.approx(math.exp(-5)) and ramp_up(10, 10, 0.5) == 0.5
+    assert ramp_up(5, 10, 1.0) == pytest.approx(math.exp(-1.25))
+    p = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+    assert float(consistency_mse(p, p.flip(1))) == pytest.approx((0.36 * 2 + 0.0) / 2)
+
+
+def test_cluster_accuracy_is_the_best_one_to_one_map():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 60)
+    pred = rng.integers(0, 4, 60)
+    brute = max(np.mean(y == np.array(perm)[pred]) for perm in itertools.permutations(range(4)))
+    assert cluster_accuracy(y, pred) == pytest.approx(brute)
+    assert cluster_accuracy(y, (y + 2) % 4) == 1.0  # renamed clusters
+    s = cluster_scores(y, (y + 1) % 4)
+    assert (s.acc, s.nmi, s.ari) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_pair_alternatives_agree_on_identical_items(torch_seed):
+    z = torch.rand(6, 32)
+    z[3] = z[0]
+    for method in ("wta", "rankstats", "cosine"):
+        s = pair_labels(z, DiscoverConfig(pairs=method, feat_dim=32), ref.wta_permutations(32, 32))
+        assert s[0, 3] == 1 and s[3, 0] == 1 and torch.equal(s, s.t()) and bool((s.diagonal() == 1).all())
+
+
+def test_digits_split_and_views():
+    d = digits()
+    assert set(d.y_train[d.labelled]) == {0, 1, 2, 3, 4} and set(d.y_train[~d.labelled]) == {5, 6, 7, 8, 9}
+    assert tuple(d.x_train.shape[1:]) == (1, 8, 8) and len(d.y_test) == math.ceil(0.2 * 1797)
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = augment(d.x_train[:16], g), augment(d.x_train[:16], g)
+    assert v1.shape == (16, 1, 8, 8) and 0 <= float(v1.min()) and float(v1.max()) <= 1 and not torch.equal(v1, v2)
+
+
+def test_a_reduced_digits_run_beats_k_means_on_supervised_features():
+    d = digits()
+    cfg = DiscoverConfig(epochs=25, seed=0)
+    full = run_discover(d, cfg)
+    sup = run_discover(d, variant(cfg, "supervised only"))
+    km = kmeans_scores(sup.model, d, "cpu")
+    assert full.test_known_acc > 0.95
+    assert full.train_novel.acc > km.acc + 0.1, (full.train_novel, km)
+    assert full.test_novel.acc > 0.7
