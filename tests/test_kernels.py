@@ -456,7 +456,7 @@ def test_twins_share_one_signature() -> None:
     tuning knobs aside), so the dispatch only picks a module."""
     import inspect
 
-    for name in ("cdul_aggregate", "latent_update_"):
+    for name in ("cdul_aggregate", "latent_update_", "wta_pairwise_bce"):
         k = inspect.signature(getattr(kernels, name)).parameters
         r = inspect.signature(getattr(reference, name)).parameters
         k_pub = [(p.name, p.default) for p in k.values() if p.kind != p.KEYWORD_ONLY]
@@ -595,3 +595,85 @@ def test_cuda_compiled_in_subprocess() -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-k", "cuda and not subprocess", __file__]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------- discovery: fused WTA pairwise BCE
+
+
+def _pairwise_inputs(m: int, c: int, h: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Novel-head probabilities [M, C] (some confident, some flat) and WTA codes [M, H] with shared structure, so
+    both s_ij = 0 and 1 occur."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(m, c, generator=g) * 3.0, dim=1)
+    group = torch.randint(0, 3, (m, 1), generator=g)
+    base = torch.randint(0, 4, (3, h), generator=g)
+    noise = torch.randint(0, 4, (m, h), generator=g)
+    keep = torch.rand(m, h, generator=g) < 0.7
+    return probs, torch.where(keep, base[group[:, 0]], noise)
+
+
+@pytest.mark.parametrize("m,c,h,block", [(1, 2, 8, 16), (17, 5, 64, 16), (70, 10, 128, 32), (33, 20, 32, 16)])
+def test_wta_pairwise_bce_kernel_matches_the_reference(m, c, h, block):
+    probs, codes = _pairwise_inputs(m, c, h)
+    mu = max(1, h // 2)
+    a, b = probs.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+    got = kernels.wta_pairwise_bce(a, codes, mu, block=block)
+    want = reference.wta_pairwise_bce(b, codes, mu)
+    got.backward()
+    want.backward()
+    got, want = got.detach(), want.detach()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (float(got), float(want))
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), float((a.grad - b.grad).abs().max())
+    s = reference.wta_pair_labels(codes, mu)
+    assert 0 < float(s.mean()) < 1 or m == 1  # both kinds of pairs were exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wta_pairwise_bce_kernel_low_precision(dtype):
+    """Loss and gradient from low-precision probabilities: the kernel's error against the fp32 reference on the
+    unrounded probabilities is within 2x that of torch doing the math in the low dtype."""
+    probs, codes = _pairwise_inputs(40, 8, 64, seed=1)
+    mu = 32
+    ref32 = probs.clone().requires_grad_(True)
+    want = reference.wta_pairwise_bce(ref32, codes, mu)
+    want.backward()
+    low = probs.to(dtype).requires_grad_(True)
+    got = kernels.wta_pairwise_bce(low, codes, mu, block=16)
+    got.backward()
+    assert low.grad.dtype == dtype
+    lp = probs.to(dtype).requires_grad_(True)  # torch in the low dtype, same formula
+    sim = (lp @ lp.t()).clamp(1e-3, 1 - 1e-3)
+    s = reference.wta_pair_labels(codes, mu).to(dtype)
+    torch_low = -(s * sim.log() + (1 - s) * (1 - sim).log()).mean()
+    torch_low.backward()
+    err_k = abs(float(got.detach()) - float(want.detach()))
+    err_t = abs(float(torch_low.detach()) - float(want.detach()))
+    assert err_k <= 2 * err_t + LOWP_FLOOR, (err_k, err_t)
+    gk = float((low.grad.float() - ref32.grad).abs().max())
+    gt = float((lp.grad.float() - ref32.grad).abs().max())
+    assert gk <= 2 * gt + LOWP_FLOOR, (gk, gt)
+
+
+def test_wta_pairwise_bce_dispatch_validates():
+    probs, codes = _pairwise_inputs(4, 3, 8)
+    with pytest.raises(ValueError, match="mu"):
+        ops.wta_pairwise_bce(probs, codes, 9)
+    with pytest.raises(ValueError, match="integers"):
+        ops.wta_pairwise_bce(probs, codes.float(), 4)
+    with pytest.raises(ValueError, match="expected"):
+        ops.wta_pairwise_bce(probs[:3], codes, 4)
+    assert float(ops.wta_pairwise_bce(probs, codes, 4)) == float(reference.wta_pairwise_bce(probs, codes, 4))
+
+
+@gpu
+@pytest.mark.parametrize("m", [64, 1000])
+def test_cuda_wta_pairwise_bce_parity(m: int) -> None:
+    probs, codes = _pairwise_inputs(m, 10, 128, seed=3)
+    a = probs.cuda().requires_grad_(True)
+    b = probs.clone().requires_grad_(True)
+    got = ops.wta_pairwise_bce(a, codes.cuda(), 60, backend="auto")
+    want = reference.wta_pairwise_bce(b, codes, 60)
+    got.backward()
+    want.backward()
+    assert abs(float(got.detach()) - float(want.detach())) <= 1e-5 * max(1.0, float(want.detach()))
+    assert torch.allclose(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-7)

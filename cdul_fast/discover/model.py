@@ -29,7 +29,7 @@ class SmallConv(nn.Module):
 
 class DiscoveryNet(nn.Module):
     def __init__(self, encoders: dict[str, nn.Module], feat_dim: int, known: int, novel: int,
-                 proj_dim: int = 128) -> None:
+                 proj_dim: int = 128, head_hidden: int = 0) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         width = feat_dim * len(encoders)
@@ -37,7 +37,10 @@ class DiscoveryNet(nn.Module):
         self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(inplace=True),
                                                     nn.Linear(feat_dim, proj_dim)) for m in encoders})
         self.head_known = nn.Linear(feat_dim, known)
-        self.head_novel = nn.Linear(feat_dim, novel)
+        # phi^u: "a non-linear function mapping z-bar into C^u dimensions followed by softmax" (section 3.2)
+        self.head_novel = (nn.Sequential(nn.Linear(feat_dim, head_hidden), nn.BatchNorm1d(head_hidden),
+                                         nn.ReLU(inplace=True), nn.Linear(head_hidden, novel))
+                           if head_hidden else nn.Linear(feat_dim, novel))
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """z-bar [B, d], z-hat per modality [B, proj], logits of both heads."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..ops import dispatch as ops
 from ..ops import reference as ref
 from .data import DiscoverData, augment
 from .losses import consistency_mse, known_ce, nce_losses, ramp_up
@@ -38,6 +39,8 @@ class DiscoverConfig:
     ramp_lambda: float = 1.0
     feat_dim: int = 128
     proj_dim: int = 128
+    head_hidden: int = 0  # phi^u: 0 = linear, else an MLP with this hidden width
+    bce_views: int = 1  # 1: pairs of view 1's predictions; 2: also view 2's (codes of each view's features)
     pairs: str = "wta"
     wta_hashes: int | None = None  # None = feat_dim
     wta_k: int = 4
@@ -76,13 +79,26 @@ def pair_labels(zbar: torch.Tensor, cfg: DiscoverConfig, perms: torch.Tensor) ->
     top-k index sets) or a cosine threshold — the alternatives of the paper's Table 7."""
     z = zbar.detach().float()
     if cfg.pairs == "wta":
-        mu = max(1, round(cfg.wta_mu_fraction * perms.shape[0]))
-        return ref.wta_pair_labels(ref.wta_codes(z, perms, cfg.wta_k), mu)
+        return ref.wta_pair_labels(ref.wta_codes(z, perms, cfg.wta_k), wta_mu(cfg, perms))
     if cfg.pairs == "rankstats":
         top = torch.zeros_like(z, dtype=torch.bool).scatter_(1, z.topk(cfg.rank_k, dim=1).indices, True)
         return (top.float() @ top.float().t() >= cfg.rank_k).float()
     zn = torch.nn.functional.normalize(z, dim=1)
     return (zn @ zn.t() >= cfg.cosine_threshold).float()
+
+
+def pairwise_loss(zbar: torch.Tensor, probs: torch.Tensor, cfg: DiscoverConfig, perms: torch.Tensor) -> torch.Tensor:
+    """The BCE of eq. 7-8 on one batch's unlabelled items: WTA through the fused op (the M x M matrices are never
+    formed on CUDA), the Table 7 alternatives through their explicit pair matrix."""
+    if cfg.pairs == "wta":
+        codes = ref.wta_codes(zbar.detach(), perms, cfg.wta_k)
+        return ops.wta_pairwise_bce(probs, codes, wta_mu(cfg, perms))
+    return ref.pairwise_bce(probs, pair_labels(zbar, cfg, perms))
+
+
+def wta_mu(cfg: DiscoverConfig, perms: torch.Tensor) -> int:
+    """mu in hashes: the fraction of H (the paper's 240 of 512 = 0.47)."""
+    return max(1, round(cfg.wta_mu_fraction * perms.shape[0]))
 
 
 def _predict(model: DiscoveryNet, x: torch.Tensor, device, batch: int = 512) -> dict[str, torch.Tensor]:
@@ -122,7 +138,7 @@ def run_discover(data: DiscoverData, cfg: DiscoverConfig, log: Callable[[str], N
     device = torch.device(cfg.device)
     in_ch = data.x_train.shape[1]
     model = DiscoveryNet({"image": SmallConv(in_ch, cfg.feat_dim)}, cfg.feat_dim, len(data.known), len(data.novel),
-                         cfg.proj_dim).to(device)
+                         cfg.proj_dim, cfg.head_hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = data.x_train.shape[0]
     steps = math.ceil(n / cfg.batch_size)
@@ -153,8 +169,11 @@ def run_discover(data: DiscoverData, cfg: DiscoverConfig, log: Callable[[str], N
             parts["ce"] = known_ce(o["known"][:b], y) if cfg.use_ce else zero
             p_nov = torch.softmax(o["novel"], dim=1)
             if cfg.use_bce and unl.sum() >= 2:
-                s_ij = pair_labels(o["zbar"][:b][unl], cfg, perms)
-                parts["bce"] = ref.pairwise_bce(p_nov[:b][unl], s_ij)
+                bce = zero
+                for v in range(cfg.bce_views):
+                    sl = slice(v * b, (v + 1) * b)
+                    bce = bce + pairwise_loss(o["zbar"][sl][unl], p_nov[sl][unl], cfg, perms)
+                parts["bce"] = bce / cfg.bce_views
             else:
                 parts["bce"] = zero
             if cfg.use_mse:

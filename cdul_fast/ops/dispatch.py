@@ -76,8 +76,8 @@ def cosine_scores(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def _twin(impl: str) -> ModuleType:
-    """The module that implements ``impl``: both expose ``cdul_aggregate`` and ``latent_update_`` with one
-    signature and contract, so dispatch is only this choice."""
+    """The module that implements ``impl``: both expose ``cdul_aggregate``, ``latent_update_`` and
+    ``wta_pairwise_bce`` with one signature and contract, so dispatch is only this choice."""
     if impl == "triton":
         from . import kernels
 
@@ -101,6 +101,28 @@ def aggregate_scores(
     if impl == "triton" and cos.stride(-1) != 1:
         cos = cos.contiguous()  # the kernel reads class rows with unit stride
     return _twin(impl).cdul_aggregate(cos, logit_scale, zeta, lam, names)
+
+
+# ------------------------------------------------------------------------------------- discovery: WTA pairwise BCE
+
+
+def wta_pairwise_bce(probs: torch.Tensor, codes: torch.Tensor, mu: int, eps: float = 1e-7,
+                     backend: str = "auto") -> torch.Tensor:
+    """Mean BCE between the WTA pair labels of ``codes`` [M, H] (eq. 6, threshold ``mu``) and p_i . p_j of the
+    novel-head probabilities ``probs`` [M, C] (eq. 7-8): a differentiable float32 scalar. The fused kernel on CUDA
+    never forms the M x M matrices."""
+    if probs.dim() != 2 or codes.dim() != 2 or probs.shape[0] != codes.shape[0]:
+        raise ValueError(f"expected probs [M, C] and codes [M, H], got {tuple(probs.shape)} and {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point:
+        raise ValueError(f"codes must be integers, got {codes.dtype}")
+    if not 1 <= int(mu) <= codes.shape[1]:
+        raise ValueError(f"mu must be in [1, H = {codes.shape[1]}], got {mu}")
+    if not 0.0 < float(eps) < 0.5:
+        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    impl = resolve_backend(probs.device, backend)
+    return _twin(impl).wta_pairwise_bce(probs, codes.to(probs.device), int(mu), float(eps))
 
 
 # -------------------------------------------------------------------------------------------------- latent update

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"cdul_aggregate": "aggregate", "latent_update_": "latent"}
+_LAZY = {"cdul_aggregate": "aggregate", "latent_update_": "latent", "wta_pairwise_bce": "pairwise"}
 
 __all__ = list(_LAZY)
 
