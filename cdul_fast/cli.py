@@ -1,4 +1,4 @@
-"""The `cdul-fast` command line: label, rescore, eval, train, export, predict, tags, report, demo.
+"""The `cdul-fast` command line: label, rescore, eval, train, export, predict, tags, report, discover, demo.
 
 Every flag is documented in --help with its default. Errors a user can fix print one line and exit 2; a
 traceback appears only with --debug.
@@ -331,6 +331,46 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--no-progress", action="store_true", help="no progress bar", key="no_progress")
     rp.set_defaults(func=cmd_report)
 
+    dc = sub.add_parser("discover", help="find the categories nobody named: novel category discovery (WTA hashing)",
+                        description="Novel category discovery (Jia et al., ICCV 2021): learn a representation from "
+                                    "labelled known classes and unlabelled images of other classes (contrastive "
+                                    "NCE-I + NCE-C), pair the unlabelled images by WTA hashing, and train a head "
+                                    "that partitions them into the novel classes (BCE + CE + MSE with ramp-up). "
+                                    "Writes results.json (Hungarian ACC, NMI, ARI), clusters.csv and a contact sheet "
+                                    "per cluster.")
+    f = _Flags(dc, "discover")
+    f.add("--out", "-o", help="output folder (config.yaml, results.json, clusters.csv, clusters/*.png)",
+          required=True)
+    f.add("--dataset", help="digits (scikit-learn's bundled handwritten digits)")
+    f.add("--known", type=int, help="classes 0..known-1 are labelled, the rest are the novel ones to discover")
+    f.add("--epochs", type=int, help="training epochs")
+    f.add("--batch-size", type=int, help="items per step (labelled and unlabelled drawn together)")
+    f.add("--lr", type=float, help="Adam learning rate (cosine schedule)")
+    f.add("--weight-decay", type=float, help="Adam weight decay")
+    f.add("--tau", type=float, help="NCE temperature (eq. 1-2)")
+    f.add("--ramp-lambda", type=float, help="lambda of the ramp-up omega(r) = lambda exp(-5 (1 - r/T)^2), <= 1")
+    f.add("--feat-dim", type=int, help="width of the shared representation z-bar")
+    f.add("--proj-dim", type=int, help="width of the L2-normalized contrastive projection")
+    f.add("--head-hidden", type=int, help="novel head: 0 = linear, else an MLP with this hidden width")
+    f.add("--bce-views", type=int, choices=(1, 2), help="BCE on the pairs of view 1 only, or of both views")
+    f.add("--pairs", choices=("wta", "rankstats", "cosine"),
+          help="pairwise pseudo labels: wta (eq. 6), rankstats (equal top-k index sets), cosine (threshold)")
+    f.add("--wta-hashes", type=int, help="H, the number of WTA permutations (default: the feature width)")
+    f.add("--wta-k", type=int, help="WTA window: each code is the argmax of the first k permuted entries")
+    f.add("--wta-mu-fraction", type=float, help="mu / H: a pair agreeing on this share of the codes is positive")
+    f.add("--rank-k", type=int, help="--pairs rankstats: the top-k feature indices compared")
+    f.add("--cosine-threshold", type=float, help="--pairs cosine: pairs at or above it are positive")
+    f.add("--no-ce", action="store_false", key="use_ce", help="ablation: no cross-entropy on the known classes")
+    f.add("--no-bce", action="store_false", key="use_bce", help="ablation: no pairwise BCE on the unlabelled images")
+    f.add("--no-mse", action="store_false", key="use_mse", help="ablation: no consistency between the two views")
+    f.add("--no-nce-i", action="store_false", key="use_nce_i", help="ablation: no instance discrimination")
+    f.add("--no-nce-c", action="store_false", key="use_nce_c", help="ablation: no category discrimination")
+    f.add("--seed", type=int, help="seed (initialization, data order, views, permutations)")
+    f.add("--device", help="auto, cpu, cuda or cuda:N")
+    f.add("--no-progress", action="store_true", help="no progress bar", key="no_progress")
+    f.add("--config", help="YAML file of option values (overridden by flags given here)")
+    dc.set_defaults(func=cmd_discover)
+
     de = sub.add_parser("demo", help="the whole pipeline on the embedded shapes world with the shipped tiny CLIP",
                         description="Generate the shapes world, label its train split with the shipped CLIP, print "
                                     "the pseudo-label mAP of the global/avg/max/cdul aggregators, train a small "
@@ -575,6 +615,24 @@ def cmd_report(args: dict) -> int:
     cfg = ReportConfig(**resolve("report", args), progress=progress and sys.stderr.isatty())
     res = build_report(cfg, dataset)
     print(f"report: {res.path.resolve()}")
+    return 0
+
+
+def cmd_discover(args: dict) -> int:
+    from pathlib import Path
+
+    from .discover.run import run
+    from .discover.trainer import DiscoverConfig
+
+    progress = not args.pop("no_progress", False)
+    out = Path(args.pop("out"))
+    cfg = DiscoverConfig(**resolve("discover", args, args.pop("config", None)))
+    res = run(cfg, out, progress=progress and sys.stderr.isatty(), log=lambda s: None)
+    u, t = res["unlabelled_train"], res["held_out_novel"]
+    km, known = res["kmeans_on_learned_features"]["acc"], res["known_head_accuracy"]
+    print(f"{out}: novel classes {res['novel']}: ACC {100 * u['acc']:.1f} % (NMI {u['nmi']:.3f}, ARI {u['ari']:.3f}) "
+          f"on the unlabelled images, {100 * t['acc']:.1f} % held out; k-means on the learned features "
+          f"{100 * km:.1f} %; known classes {100 * known:.1f} %")
     return 0
 
 

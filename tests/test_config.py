@@ -9,6 +9,7 @@ import pytest
 
 from cdul_fast.cli import build_parser
 from cdul_fast.config import package_defaults
+from cdul_fast.discover.trainer import DiscoverConfig
 from cdul_fast.label.pipeline import LabelConfig
 from cdul_fast.label.rescore import RescoreConfig
 from cdul_fast.report.build import ReportConfig
@@ -33,7 +34,8 @@ def _subparser(name: str) -> argparse.ArgumentParser:
 
 
 @pytest.mark.parametrize("command,cls", [("label", LabelConfig), ("train", TrainConfig),
-                                         ("rescore", RescoreConfig), ("report", ReportConfig)])
+                                         ("rescore", RescoreConfig), ("report", ReportConfig),
+                                         ("discover", DiscoverConfig)])
 def test_yaml_defaults_equal_the_dataclass_defaults(command, cls):
     yaml_defaults = package_defaults(command)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -46,7 +48,7 @@ def test_yaml_defaults_equal_the_dataclass_defaults(command, cls):
     assert not differ, f"configs/{command}.yaml vs {cls.__name__} (yaml, dataclass): {differ}"
 
 
-@pytest.mark.parametrize("command", ["label", "train", "predict", "rescore", "tags", "report"])
+@pytest.mark.parametrize("command", ["label", "train", "predict", "rescore", "tags", "report", "discover"])
 def test_every_default_has_a_flag_that_shows_it(command):
     actions = {a.dest: a for a in _subparser(command)._actions}
     for key, value in package_defaults(command).items():

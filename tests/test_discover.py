@@ -119,3 +119,35 @@ def test_a_reduced_digits_run_beats_k_means_on_supervised_features():
     assert full.test_known_acc > 0.95
     assert full.train_novel.acc > km.acc + 0.1, (full.train_novel, km)
     assert full.test_novel.acc > 0.7
+
+
+def test_cli_writes_results_clusters_and_contact_sheets(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from cdul_fast.cli import main
+
+    out = tmp_path / "disc"
+    assert main(["discover", "--out", str(out), "--epochs", "2", "--batch-size", "128", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    d = digits()
+    assert res["novel"] == [5, 6, 7, 8, 9] and sum(res["cluster_sizes"]) == int((~d.labelled).sum())
+    assert f"ACC {100 * res['unlabelled_train']['acc']:.1f} %" in printed
+    lines = (out / "clusters.csv").read_text().strip().splitlines()
+    assert lines[0] == "index,true_class,cluster,confidence" and len(lines) == 1 + int((~d.labelled).sum())
+    sheets = sorted((out / "clusters").glob("cluster_*.png"))
+    assert len(sheets) == 5 and all(Image.open(p).size[0] == 8 * 40 for p in sheets)
+    assert "epochs: 2" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [(["--dataset", "cifar"], "unknown discover dataset"),
+                                          (["--known", "0"], "known classes must be"),
+                                          (["--pairs", "wta", "--wta-mu-fraction", "0"], "wta_mu_fraction")])
+def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
+    from cdul_fast.cli import main
+
+    assert main(["discover", "--out", str(tmp_path / "x"), "--epochs", "1", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

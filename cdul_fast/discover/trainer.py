@@ -11,6 +11,7 @@ H = the feature width and mu = 0.47 H (the paper's 240 of 512), k = 4.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .._backend import resolve_device
 from ..errors import ConfigError
 from ..ops import dispatch as ops
 from ..ops import reference as ref
@@ -31,6 +33,8 @@ PAIR_METHODS = ("wta", "rankstats", "cosine")
 
 @dataclass
 class DiscoverConfig:
+    dataset: str = "digits"
+    known: int = 5
     epochs: int = 100
     batch_size: int = 256
     lr: float = 1e-3
@@ -53,9 +57,11 @@ class DiscoverConfig:
     use_nce_i: bool = True
     use_nce_c: bool = True
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
 
     def validate(self) -> None:
+        if self.known < 1:
+            raise ConfigError(f"known must be >= 1, got {self.known}")
         if self.pairs not in PAIR_METHODS:
             raise ConfigError(f"pairs must be one of {', '.join(PAIR_METHODS)}, got {self.pairs!r}")
         if self.epochs < 1 or self.batch_size < 2:
@@ -130,12 +136,12 @@ def features(model: DiscoveryNet, x: torch.Tensor, device) -> np.ndarray:
     return _predict(model, x, device)["zbar"].numpy()
 
 
-def run_discover(data: DiscoverData, cfg: DiscoverConfig, log: Callable[[str], None] = lambda s: None
-                 ) -> DiscoverResult:
+def run_discover(data: DiscoverData, cfg: DiscoverConfig, log: Callable[[str], None] = lambda s: None,
+                 progress: bool = False) -> DiscoverResult:
     cfg.validate()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     in_ch = data.x_train.shape[1]
     model = DiscoveryNet({"image": SmallConv(in_ch, cfg.feat_dim)}, cfg.feat_dim, len(data.known), len(data.novel),
                          cfg.proj_dim, cfg.head_hidden).to(device)
@@ -147,7 +153,10 @@ def run_discover(data: DiscoverData, cfg: DiscoverConfig, log: Callable[[str], N
     y_known = torch.from_numpy(np.where(data.labelled, data.known_index(data.y_train), -1))
     g = torch.Generator().manual_seed(cfg.seed)
     history = []
-    for epoch in range(cfg.epochs):
+    from tqdm import tqdm
+
+    for epoch in tqdm(range(cfg.epochs), desc="discover", unit="epoch", disable=not progress, dynamic_ncols=True,
+                      file=sys.stderr):
         model.train()
         omega = ramp_up(epoch, cfg.epochs, cfg.ramp_lambda)
         order = torch.randperm(n, generator=g)

@@ -1,0 +1,89 @@
+"""Novel category discovery on scikit-learn's digits (classes 0-4 labelled, 5-9 novel) over several seeds: the
+paper's Table 1 (k-means on supervised and on learned features vs the full model), Table 3 (ablations: -MSE, -BCE,
+-NCE-I, -NCE-C, -CL) and Table 7 (WTA vs ranking statistics vs cosine pairs), on the same data and loop.
+
+Hungarian ACC (and NMI, ARI) of the novel head on the unlabelled training images (transductive, the headline) and on
+held-out novel images; mean ± std over seeds.
+
+    python bench/bench_discover.py --seeds 5                  # 60 epochs per run
+    python bench/bench_discover.py --quick                    # smoke: 1 seed, 3 epochs, two variants
+
+Appends one row per (variant, seed) to bench/results/discover.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, write_rows  # noqa: E402
+
+from cdul_fast.discover.baselines import kmeans_scores, variant  # noqa: E402
+from cdul_fast.discover.data import digits  # noqa: E402
+from cdul_fast.discover.trainer import DiscoverConfig, run_discover  # noqa: E402
+
+VARIANTS = ("full", "-MSE", "-BCE", "-NCE-I", "-NCE-C", "-CL", "pairs: rankstats", "pairs: cosine",
+            "supervised only")
+
+
+def _config(name: str, base: DiscoverConfig) -> DiscoverConfig:
+    if name.startswith("pairs: "):
+        return dataclasses.replace(base, pairs=name.split(": ", 1)[1])
+    return variant(base, name)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default: DiscoverConfig's)")
+    ap.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, full and supervised only")
+    ap.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "results" / "discover.csv")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base = DiscoverConfig()
+    if args.epochs:
+        base = dataclasses.replace(base, epochs=args.epochs)
+    names = list(args.only or VARIANTS)
+    if args.quick:
+        args.seeds, names, base = 1, ["full", "supervised only"], dataclasses.replace(base, epochs=3)
+    data = digits()
+    env = environment()
+    rows = []
+    for name in names:
+        for seed in range(args.seeds):
+            res = run_discover(data, dataclasses.replace(_config(name, base), seed=seed))
+            km = kmeans_scores(res.model, data, "cpu", seed=seed)
+            row = {**env, "variant": name, "seed": seed, "epochs": base.epochs, "seconds": round(res.seconds, 1),
+                   "head_acc": round(res.train_novel.acc, 4), "head_nmi": round(res.train_novel.nmi, 4),
+                   "head_ari": round(res.train_novel.ari, 4), "test_acc": round(res.test_novel.acc, 4),
+                   "kmeans_acc": round(km.acc, 4), "known_acc": round(res.test_known_acc, 4)}
+            rows.append(row)
+            print(f"{name:<18} seed {seed}: novel head ACC {row['head_acc']:.3f} (test {row['test_acc']:.3f}), "
+                  f"k-means on its features {row['kmeans_acc']:.3f}, known {row['known_acc']:.3f}, "
+                  f"{row['seconds']:.0f}s", flush=True)
+    print(f"\ndigits 5/5, {base.epochs} epochs, {args.seeds} seeds (mean ± std, %)")
+    print(f"{'variant':<18} {'novel head ACC':>16} {'NMI':>12} {'ARI':>12} {'held-out ACC':>16} "
+          f"{'k-means ACC':>16}")
+
+    def ms(vals: list[float]) -> str:
+        vals = [100 * v for v in vals]
+        return f"{statistics.mean(vals):6.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:4.1f}"
+
+    for name in names:
+        sel = [r for r in rows if r["variant"] == name]
+        print(f"{name:<18} {ms([r['head_acc'] for r in sel]):>16} {ms([r['head_nmi'] for r in sel]):>12} "
+              f"{ms([r['head_ari'] for r in sel]):>12} {ms([r['test_acc'] for r in sel]):>16} "
+              f"{ms([r['kmeans_acc'] for r in sel]):>16}")
+    print(f"wrote {len(rows)} rows to {write_rows(args.csv, rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
