@@ -60,6 +60,29 @@ def digits(known: int = 5, test_fraction: float = 0.2, split_seed: int = 0) -> D
                         tuple(str(i) for i in range(10)))
 
 
+def shapes_novel(root=None, n: int = 1200, size: int = 32, known: int = 6, test_fraction: float = 0.2,
+                 split_seed: int = 0) -> DiscoverData:
+    """The shapes world's single-object split (one large glyph per image, 12 classes): the first ``known`` glyph
+    classes labelled, the others novel; images resized to ``size`` px RGB."""
+    from PIL import Image
+    from sklearn.model_selection import train_test_split
+
+    from ..datasets import load_dataset
+    from ..views.decode import load_rgb
+
+    ds = load_dataset("shapes", root, "captions", n=n)
+    if not 1 <= known < ds.num_classes:
+        raise ConfigError(f"shapes: known classes must be 1..{ds.num_classes - 1}, got {known}")
+    y = ds.labels.argmax(axis=1).astype(np.int64)
+    x = np.stack([np.asarray(load_rgb(p).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+                  for p in ds.paths]).transpose(0, 3, 1, 2) / 255.0
+    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y,
+                                      random_state=split_seed)
+    return DiscoverData("shapes", torch.from_numpy(x[idx_tr]), y[idx_tr], y[idx_tr] < known,
+                        torch.from_numpy(x[idx_te]), y[idx_te], tuple(range(known)),
+                        tuple(range(known, ds.num_classes)), tuple(ds.class_names))
+
+
 def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """A random view: small rotation, scale and shift (one affine warp per image), brightness jitter and noise —
     SimCLR's recipe cut down to what small grey images support."""

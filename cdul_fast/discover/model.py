@@ -1,7 +1,7 @@
 """The discovery network (Jia et al., Fig. 1, single-modal): encoder f -> z, fusion eta -> z-bar (identity for one
-modality), MLP projection h -> L2-normalized z-hat for the contrastive losses, and two linear heads on z-bar: phi^l
-(known classes) and phi^u (novel classes). ``encoders`` is a dict so a second modality (audio) plugs in with eta a
-learned fusion of the concatenated features."""
+modality), MLP projection h -> L2-normalized z-hat for the contrastive losses, and two heads on z-bar: phi^l (known
+classes, linear) and phi^u (novel classes: linear, or the MLP the paper's section 3.2 describes). ``encoders`` is a
+dict so a second modality (audio) plugs in with eta a learned fusion of the concatenated features."""
 
 from __future__ import annotations
 
