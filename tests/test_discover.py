@@ -144,7 +144,9 @@ def test_cli_writes_results_clusters_and_contact_sheets(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [(["--dataset", "cifar"], "unknown discover dataset"),
                                           (["--known", "0"], "known classes must be"),
-                                          (["--pairs", "wta", "--wta-mu-fraction", "0"], "wta_mu_fraction")])
+                                          (["--pairs", "wta", "--wta-mu-fraction", "0"], "--wta-mu-fraction"),
+                                          (["--feat-dim", "0"], "--feat-dim"),
+                                          (["--ramp-lambda", "2"], "--ramp-lambda"), (["--wta-k", "500"], "--wta-k")])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     from cdul_fast.cli import main
 

@@ -86,6 +86,7 @@ def write_outputs(out: Path, cfg: DiscoverConfig, data: DiscoverData, res: Disco
 
 
 def run(cfg: DiscoverConfig, out: Path, progress: bool = False, log=print) -> dict:
+    cfg.validate()  # before any data is read
     data = load_data(cfg)
     res = run_discover(data, cfg, log=log, progress=progress)
     km = kmeans_scores(res.model, data, next(res.model.parameters()).device, seed=cfg.seed).as_dict()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .._backend import resolve_device
+from ..config import SEED_MAX, check_number
 from ..errors import ConfigError
 from ..ops import dispatch as ops
 from ..ops import reference as ref
@@ -61,14 +62,21 @@ class DiscoverConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        if self.known < 1:
-            raise ConfigError(f"known must be >= 1, got {self.known}")
         if self.pairs not in PAIR_METHODS:
             raise ConfigError(f"pairs must be one of {', '.join(PAIR_METHODS)}, got {self.pairs!r}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ConfigError("epochs must be >= 1 and batch_size >= 2")
-        if not 0 < self.wta_mu_fraction <= 1 or self.wta_k < 2:
-            raise ConfigError("wta_mu_fraction must be in (0, 1] and wta_k >= 2")
+        for flag, value, lo, hi, integer in (
+                ("--known", self.known, 1, None, True), ("--epochs", self.epochs, 1, None, True),
+                ("--batch-size", self.batch_size, 2, None, True), ("--lr", self.lr, 1e-12, None, False),
+                ("--weight-decay", self.weight_decay, 0.0, None, False), ("--tau", self.tau, 1e-6, None, False),
+                ("--ramp-lambda", self.ramp_lambda, 0.0, 1.0, False), ("--feat-dim", self.feat_dim, 4, 65536, True),
+                ("--proj-dim", self.proj_dim, 2, 65536, True), ("--head-hidden", self.head_hidden, 0, 65536, True),
+                ("--bce-views", self.bce_views, 1, 2, True), ("--wta-k", self.wta_k, 2, self.feat_dim, True),
+                ("--rank-k", self.rank_k, 1, self.feat_dim, True), ("--seed", self.seed, 0, SEED_MAX, True),
+                ("--cosine-threshold", self.cosine_threshold, -1.0, 1.0, False)):
+            check_number(flag, value, lo=lo, hi=hi, integer=integer)
+        check_number("--wta-hashes", self.wta_hashes, lo=1, hi=65536, integer=True, optional=True)
+        if not 0 < self.wta_mu_fraction <= 1:
+            raise ConfigError(f"--wta-mu-fraction must be in (0, 1], got {self.wta_mu_fraction}")
 
 
 @dataclass
