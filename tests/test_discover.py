@@ -143,7 +143,7 @@ def test_cli_writes_results_clusters_and_contact_sheets(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [(["--dataset", "cifar"], "unknown discover dataset"),
-                                          (["--known", "0"], "known classes must be"),
+                                          (["--known", "0"], "--known must be"),
                                           (["--pairs", "wta", "--wta-mu-fraction", "0"], "--wta-mu-fraction"),
                                           (["--feat-dim", "0"], "--feat-dim"),
                                           (["--ramp-lambda", "2"], "--ramp-lambda"), (["--wta-k", "500"], "--wta-k")])
