@@ -42,7 +42,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default: DiscoverConfig's)")
-    ap.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
+    ap.add_argument("--only", default=None,
+                    help="variants to run, comma-separated, e.g. --only='full,-BCE,pairs: cosine' (default: all)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, full and supervised only")
     ap.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "results" / "discover.csv")
     args = ap.parse_args()
@@ -50,7 +51,10 @@ def main() -> int:
     base = DiscoverConfig()
     if args.epochs:
         base = dataclasses.replace(base, epochs=args.epochs)
-    names = list(args.only or VARIANTS)
+    names = [v.strip() for v in args.only.split(",")] if args.only else list(VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     if args.quick:
         args.seeds, names, base = 1, ["full", "supervised only"], dataclasses.replace(base, epochs=3)
     data = digits()
