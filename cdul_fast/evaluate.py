@@ -17,6 +17,12 @@ from .fsutil import file_stats
 from .store.label_store import DONE, PENDING, LabelStore
 
 
+def mean_ap(ap: np.ndarray) -> float:
+    """The mean of the defined per-class APs (classes with a positive); NaN when none is defined."""
+    defined = np.asarray(ap)[~np.isnan(ap)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
 @dataclass
 class APReport:
     """Per-class AP (NaN where a class has no positive in the evaluated rows) and their mean over defined classes."""
@@ -28,8 +34,7 @@ class APReport:
 
     @property
     def map(self) -> float:
-        defined = self.ap[~np.isnan(self.ap)]
-        return float(defined.mean()) if defined.size else float("nan")
+        return mean_ap(self.ap)
 
     def to_dict(self) -> dict:
         return {

@@ -28,7 +28,7 @@ from ..config import check_number
 from ..datasets import MultiLabelSet
 from ..datasets.base import IGNORE, POSITIVE
 from ..errors import ConfigError, StoreError, WeightsError
-from ..evaluate import average_precision, labelled_rows
+from ..evaluate import average_precision, labelled_rows, mean_ap
 from ..fsutil import write_text_atomic
 from ..store.label_store import DONE, LabelStore
 from ..views.decode import load_rgb
@@ -118,11 +118,6 @@ def _ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     if not ok.any():
         return np.full(scores.shape[1], np.nan)
     return average_precision(scores[ok], labels[ok])
-
-
-def _mean_ap(ap: np.ndarray) -> float | None:
-    ok = ap[~np.isnan(ap)]
-    return float(ok.mean()) if ok.size else None
 
 
 # ------------------------------------------------------------------------------------------------------ the builders
@@ -294,17 +289,20 @@ class _RunReport(_Builder):
             self.histograms(page, source_store)
         else:
             self.notes.append(f"the run's source store {source_store} is gone: no score distributions")
-        gal = eval_rows[_sample(eval_rows.size, cfg.images, cfg.seed + 1)] if cfg.images else eval_rows[:0]
-        pos = {int(r): i for i, r in enumerate(eval_rows)}
+        pick = _sample(eval_rows.size, cfg.images, cfg.seed + 1)  # positions in eval_rows (and probs)
+        gal = eval_rows[pick]
         if gal.size:
-            self.gallery(page, shown, gal, probs[[pos[int(r)] for r in gal]], "classifier")
+            self.gallery(page, shown, gal, probs[pick], "classifier")
         cam_rows = gal[:cfg.cam_images]
         if cam_rows.size:
-            try:
-                self.cams(page, model, info, shown, cam_rows, device)
-                self.cam_epochs(page, run, model, info, shown, cam_rows[:4], device)
-            except ConfigError as exc:  # e.g. a vision transformer: no feature map to draw
-                self.notes.append(f"no class activation maps for {info.get('arch')}: {exc}")
+            x, ok = self._inputs(info, shown, cam_rows, device)  # decoded once for both CAM sections
+            if ok:
+                try:
+                    self.cams(page, model, shown, cam_rows, x, ok, int(info["image_size"]))
+                    few = sum(1 for i in ok if i < 4)  # the first four CAM images (ok is increasing)
+                    self.cam_epochs(page, model, info, shown, cam_rows, x[:few], ok[:few])
+                except ConfigError as exc:  # e.g. a vision transformer: no feature map to draw
+                    self.notes.append(f"no class activation maps for {info.get('arch')}: {exc}")
         if source_store.is_file():
             self.sweep(page, source_store)
         page.add("config", "Settings (config.yaml)",
@@ -393,7 +391,7 @@ class _RunReport(_Builder):
                 width = 0 if math.isnan(clf[i]) else round(100 * clf[i])
                 body_rows.append([pg.esc(n), str(int(positives[i])), *[_pct(v[i]) for v in cols.values()],
                                   f'<td class="bar"><i style="width:{width}px"></i></td>'])
-            foot = ["mAP", "", *[_pct(_mean_ap(v)) for v in cols.values()], ""]
+            foot = ["mAP", "", *[_pct(mean_ap(v)) for v in cols.values()], ""]
             lost = eval_rows.size - int(ok.sum())
             note = (f"AP on {int(ok.sum())} of {len(shown)} images of {shown.name}/{shown.split} for the classifier"
                     f"{' (a seeded sample: --eval-images)' if eval_rows.size < len(shown) else ''}"
@@ -410,20 +408,14 @@ class _RunReport(_Builder):
         page.add("per-class", "Per-class results", pg.table(head, body_rows, "per-class-table", foot)
                  + f'<p class="note">{pg.esc(note)}</p>')
 
-    def _cam_tiles(self, model, info, ds, rows, device, classes=None):
-        x, ok = self._inputs(info, ds, rows, device)
-        if not ok:
-            return None, []
-        stitch = self.cfg.stitch if self.cfg.stitch == "auto" else int(self.cfg.stitch)
-        res = grad_cam(model, x, classes=classes, top_k=self.cfg.cam_classes, stitch=stitch,
-                       max_batch=self.cfg.batch_size)
-        return res, ok
+    @property
+    def stitch(self) -> int | str:
+        return self.cfg.stitch if self.cfg.stitch == "auto" else int(self.cfg.stitch)
 
-    def cams(self, page: pg.Page, model, info: dict, ds: MultiLabelSet, rows: np.ndarray, device) -> None:
-        res, ok = self._cam_tiles(model, info, ds, rows, device)
-        if res is None:
-            return
-        size = int(info["image_size"])
+    def cams(self, page: pg.Page, model, ds: MultiLabelSet, rows: np.ndarray, x: torch.Tensor, ok: list[int],
+             size: int) -> None:
+        """Fig. 5: the CAMs of each image's top classes (``x``: the decoded inputs of ``rows[ok]``)."""
+        res = grad_cam(model, x, top_k=self.cfg.cam_classes, stitch=self.stitch, max_batch=self.cfg.batch_size)
         up = res.upsampled(size).cpu().numpy()
         lines = []
         for j, i in enumerate(ok):
@@ -446,8 +438,9 @@ class _RunReport(_Builder):
                  "the cross marks its peak (none: no positive evidence). "
                  "Green: the class is in the ground truth.</p>" + "".join(lines))
 
-    def cam_epochs(self, page: pg.Page, run: Path, model, info: dict, ds: MultiLabelSet, rows: np.ndarray,
-                   device) -> None:
+    def cam_epochs(self, page: pg.Page, model, info: dict, ds: MultiLabelSet, rows: np.ndarray, x: torch.Tensor,
+                   ok: list[int]) -> None:
+        """Fig. 6: one class per image with the weights kept after each epoch (``x``: the inputs of ``rows[ok]``)."""
         from ..train.checkpoint import load_state_dict_file
 
         files = self.epoch_files
@@ -458,9 +451,6 @@ class _RunReport(_Builder):
                               "no CAMs over epochs")
             return
         final = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        x, ok = self._inputs(info, ds, rows, device)
-        if not ok:
-            return
         with torch.no_grad():
             probs = torch.sigmoid(model(x)).cpu()
         if ds.labels is not None:  # the best-scored class that is really there (as the paper's Fig. 6 shows)
@@ -468,7 +458,6 @@ class _RunReport(_Builder):
             probs = torch.where(gt.any(dim=1, keepdim=True), probs.masked_fill(~gt, -1.0), probs)
         top = probs.argmax(dim=1, keepdim=True).to(x.device)
         size = int(info["image_size"])
-        stitch = self.cfg.stitch if self.cfg.stitch == "auto" else int(self.cfg.stitch)
         per_epoch = []
         try:
             for e, path in files:
@@ -478,7 +467,7 @@ class _RunReport(_Builder):
                     self.notes.append(f"epoch {e} left out of the CAMs over epochs: {path.name} does not fit the "
                                       f"run's model ({str(exc).splitlines()[0][:160]})")
                     continue
-                res = grad_cam(model, x, classes=top, stitch=stitch, max_batch=self.cfg.batch_size)
+                res = grad_cam(model, x, classes=top, stitch=self.stitch, max_batch=self.cfg.batch_size)
                 per_epoch.append((e, res.upsampled(size).cpu().numpy(), res.peaks.cpu().numpy(),
                                   res.scores.cpu().numpy()))
         finally:
@@ -531,10 +520,10 @@ class _StoreReport(_Builder):
             body = [[pg.esc(n), str(int(positives[i])), *[_pct(ap[i]) for ap in aps.values()]]
                     for i, n in enumerate(names)]
             page.add("summary", "Summary", '<div class="cards">' + "".join(
-                f'<div class="card"><b>{_pct(_mean_ap(ap))}</b><span>mAP % of {pg.esc(a)}</span></div>'
+                f'<div class="card"><b>{_pct(mean_ap(ap))}</b><span>mAP % of {pg.esc(a)}</span></div>'
                 for a, ap in aps.items()) + "</div>")
             table = pg.table(["class", "positives", *[f"AP %: {a}" for a in aps]], body, "per-class-table",
-                             ["mAP", "", *[_pct(_mean_ap(ap)) for ap in aps.values()]])
+                             ["mAP", "", *[_pct(mean_ap(ap)) for ap in aps.values()]])
         else:
             v = arrays[main]
             body = [[pg.esc(n), f"{float(v[:, i].mean()):.3f}", str(int((v[:, i] >= self.cfg.threshold).sum()))]

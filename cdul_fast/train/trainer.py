@@ -42,7 +42,7 @@ from ..config import (
 )
 from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
 from ..errors import ConfigError, StoreError, WeightsError
-from ..evaluate import average_precision
+from ..evaluate import average_precision, mean_ap
 from ..fsutil import atomic_write, file_stats, save_json_atomic, save_yaml_atomic
 from ..ops import dispatch as ops
 from ..ops.reference import labels_to_latent, psi_c2_auto
@@ -559,9 +559,8 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResu
 
 
 def _map(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    ap = average_precision(scores, labels)
-    ok = ap[~np.isnan(ap)]
-    return round(float(ok.mean()) * 100.0, 4) if ok.size else None
+    m = mean_ap(average_precision(scores, labels))
+    return None if math.isnan(m) else round(m * 100.0, 4)
 
 
 def _format_row(row: dict) -> str:

@@ -19,7 +19,7 @@ BLOCK_M = 32
 
 @triton.jit
 def _tile(p_ptr, codes_ptr, m, c, h, mu, eps, offs_i, offs_j, BLOCK_C: tl.constexpr):
-    """(sim, s, valid) of one tile: p_i . p_j, the WTA pair labels, and the in-range mask."""
+    """(sim, s, valid, p_j) of one tile: p_i . p_j, the WTA pair labels, the in-range mask and the p_j rows read."""
     cols = tl.arange(0, BLOCK_C)
     mi, mj = offs_i < m, offs_j < m
     pi = tl.load(p_ptr + offs_i[:, None] * c + cols[None, :], mask=mi[:, None] & (cols[None, :] < c), other=0.0)
@@ -31,7 +31,7 @@ def _tile(p_ptr, codes_ptr, m, c, h, mu, eps, offs_i, offs_j, BLOCK_C: tl.conste
         cj = tl.load(codes_ptr + offs_j.to(tl.int64) * h + k, mask=mj, other=-2)
         agree += (ci[:, None] == cj[None, :]).to(tl.int32)
     s = (agree >= mu).to(tl.float32)
-    return sim, s, mi[:, None] & mj[None, :]
+    return sim, s, mi[:, None] & mj[None, :], pj
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def _fwd_kernel(p_ptr, codes_ptr, out_ptr, m, c, h, mu, eps, BLOCK: tl.constexpr
     pid_i, pid_j = tl.program_id(0), tl.program_id(1)
     offs_i = pid_i * BLOCK + tl.arange(0, BLOCK)
     offs_j = pid_j * BLOCK + tl.arange(0, BLOCK)
-    sim, s, valid = _tile(p_ptr, codes_ptr, m, c, h, mu, eps, offs_i, offs_j, BLOCK_C)
+    sim, s, valid, _ = _tile(p_ptr, codes_ptr, m, c, h, mu, eps, offs_i, offs_j, BLOCK_C)
     sim = tl.minimum(tl.maximum(sim, eps), 1.0 - eps)
     bce = -(s * tl.log(sim) + (1.0 - s) * tl.log(1.0 - sim))
     total = tl.sum(tl.sum(tl.where(valid, bce, 0.0), axis=1), axis=0)
@@ -55,12 +55,10 @@ def _bwd_kernel(p_ptr, codes_ptr, grad_ptr, m, c, h, mu, eps, scale, BLOCK: tl.c
     acc = tl.zeros((BLOCK, BLOCK_C), dtype=tl.float32)
     for j0 in range(0, m, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
-        sim, s, valid = _tile(p_ptr, codes_ptr, m, c, h, mu, eps, offs_i, offs_j, BLOCK_C)
+        sim, s, valid, pj = _tile(p_ptr, codes_ptr, m, c, h, mu, eps, offs_i, offs_j, BLOCK_C)
         inside = (sim >= eps) & (sim <= 1.0 - eps) & valid
         cl = tl.minimum(tl.maximum(sim, eps), 1.0 - eps)
         g = tl.where(inside, -s / cl + (1.0 - s) / (1.0 - cl), 0.0)
-        pj = tl.load(p_ptr + offs_j[:, None] * c + cols[None, :], mask=(offs_j[:, None] < m) & (cols[None, :] < c),
-                     other=0.0)
         acc += tl.dot(g, pj, input_precision="ieee")
     mask = (offs_i[:, None] < m) & (cols[None, :] < c)
     tl.store(grad_ptr + offs_i[:, None] * c + cols[None, :], acc * scale, mask=mask)
