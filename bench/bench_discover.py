@@ -3,9 +3,11 @@ paper's Table 1 (k-means on supervised and on learned features vs the full model
 -NCE-I, -NCE-C, -CL) and Table 7 (WTA vs ranking statistics vs cosine pairs), on the same data and loop.
 
 Hungarian ACC (and NMI, ARI) of the novel head on the unlabelled training images (transductive, the headline) and on
-held-out novel images; mean ± std over seeds.
+held-out novel images; mean ± std over seeds. mu is chosen per seed as the paper's section 4.4 does (on known classes
+pretending to be novel, ``cdul_fast/discover/select.py``), once with the full model, and every variant of that seed
+uses it; ``--mu`` fixes it instead.
 
-    python bench/bench_discover.py --seeds 5                  # 60 epochs per run
+    python bench/bench_discover.py --seeds 5                  # 100 epochs per run
     python bench/bench_discover.py --quick                    # smoke: 1 seed, 3 epochs, two variants
 
 Appends one row per (variant, seed) to bench/results/discover.csv.
@@ -26,6 +28,7 @@ from _common import environment, write_rows  # noqa: E402
 
 from cdul_fast.discover.baselines import kmeans_scores, variant  # noqa: E402
 from cdul_fast.discover.data import digits  # noqa: E402
+from cdul_fast.discover.select import select_mu  # noqa: E402
 from cdul_fast.discover.trainer import DiscoverConfig, run_discover  # noqa: E402
 
 VARIANTS = ("full", "-MSE", "-BCE", "-NCE-I", "-NCE-C", "-CL", "pairs: rankstats", "pairs: cosine",
@@ -44,6 +47,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default: DiscoverConfig's)")
     ap.add_argument("--only", default=None,
                     help="variants to run, comma-separated, e.g. --only='full,-BCE,pairs: cosine' (default: all)")
+    ap.add_argument("--mu", type=float, default=None, help="a fixed mu / H for every run (default: chosen per seed)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, full and supervised only")
     ap.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "results" / "discover.csv")
     args = ap.parse_args()
@@ -56,15 +60,25 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     if args.quick:
-        args.seeds, names, base = 1, ["full", "supervised only"], dataclasses.replace(base, epochs=3)
+        args.seeds, names = 1, ["full", "supervised only"]
+        base = dataclasses.replace(base, epochs=3, select_epochs=2, select_folds=1, mu_candidates=(0.5, 0.6))
     data = digits()
     env = environment()
+    mus = {}
+    for seed in range(args.seeds):
+        if args.mu is not None:
+            mus[seed] = args.mu
+            continue
+        mus[seed], scores = select_mu(data, dataclasses.replace(base, seed=seed), run_discover)
+        print(f"seed {seed}: mu / H = {mus[seed]:.2f} (pretend-novel ACC: "
+              f"{', '.join(f'{m:g}: {100 * a:.1f}' for m, a in scores.items())})", flush=True)
     rows = []
     for name in names:
         for seed in range(args.seeds):
-            res = run_discover(data, dataclasses.replace(_config(name, base), seed=seed))
+            res = run_discover(data, dataclasses.replace(_config(name, base), seed=seed, wta_mu_fraction=mus[seed]))
             km = kmeans_scores(res.model, data, "cpu", seed=seed)
-            row = {**env, "variant": name, "seed": seed, "epochs": base.epochs, "seconds": round(res.seconds, 1),
+            row = {**env, "variant": name, "seed": seed, "epochs": base.epochs, "mu_fraction": mus[seed],
+                   "seconds": round(res.seconds, 1),
                    "head_acc": round(res.train_novel.acc, 4), "head_nmi": round(res.train_novel.nmi, 4),
                    "head_ari": round(res.train_novel.ari, 4), "test_acc": round(res.test_novel.acc, 4),
                    "kmeans_acc": round(km.acc, 4), "known_acc": round(res.test_known_acc, 4)}

@@ -57,6 +57,22 @@ class _Flags:
         self.parser.add_argument(*names, dest=dest, default=SUPPRESS, help=help, **kw)
 
 
+def _float_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _dataset_flags(f: _Flags, required_root: bool = False) -> None:
     f.add("--dataset", help="dataset in its official layout: voc2007, voc2012, coco, nus, folder, shapes")
     f.add("--root", help="the dataset's folder (VOCdevkit, COCO root, NUS-WIDE root, image folder)",
@@ -95,8 +111,15 @@ def _dataset_options(args: dict) -> dict:
     return opts
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line naming the problem and where help is, not argparse's usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cdul-fast",
         description="CLIP-driven unsupervised multi-label image classification (CDUL, ICCV 2023): label images "
                     "without annotation, train a classifier from the labels, deploy it with ONNX Runtime.",
@@ -357,7 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
           help="pairwise pseudo labels: wta (eq. 6), rankstats (equal top-k index sets), cosine (threshold)")
     f.add("--wta-hashes", type=int, help="H, the number of WTA permutations (default: the feature width)")
     f.add("--wta-k", type=int, help="WTA window: each code is the argmax of the first k permuted entries")
-    f.add("--wta-mu-fraction", type=float, help="mu / H: a pair agreeing on this share of the codes is positive")
+    f.add("--wta-mu-fraction", type=_float_or_auto,
+          help="mu / H: a pair agreeing on this share of the codes is positive; auto = the candidate that best "
+               "clusters known classes pretending to be novel (the paper's section 4.4; costs candidates x folds "
+               "short runs)")
+    f.add("--mu-candidates", type=_float_list, help="--wta-mu-fraction auto: the values tried, comma-separated")
+    f.add("--select-epochs", type=int, help="--wta-mu-fraction auto: epochs of each trial run")
+    f.add("--select-folds", type=int, help="--wta-mu-fraction auto: rotations of the known classes that pretend to "
+                                           "be novel (their scores are averaged)")
     f.add("--rank-k", type=int, help="--pairs rankstats: the top-k feature indices compared")
     f.add("--cosine-threshold", type=float, help="--pairs cosine: pairs at or above it are positive")
     f.add("--no-ce", action="store_false", key="use_ce", help="ablation: no cross-entropy on the known classes")
@@ -644,7 +674,10 @@ def cmd_demo(args: dict) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a bad flag, already printed: the status, for callers in-process
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     debug = ns.debug or os.environ.get("CDUL_FAST_DEBUG") == "1"
     if ns.command is None:
         parser.print_help()

@@ -9,12 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cdul_fast.discover.baselines import kmeans_scores, variant
 from cdul_fast.discover.data import augment, digits
 from cdul_fast.discover.losses import consistency_mse, nce_losses, ramp_up
 from cdul_fast.discover.metrics import cluster_accuracy, cluster_scores
+from cdul_fast.discover.select import pseudo_split, select_mu
 from cdul_fast.discover.trainer import DiscoverConfig, pair_labels, run_discover
+from cdul_fast.errors import ConfigError
 from cdul_fast.ops import reference as ref
 
 
@@ -97,7 +100,8 @@ def test_pair_alternatives_agree_on_identical_items(torch_seed):
     z = torch.rand(6, 32)
     z[3] = z[0]
     for method in ("wta", "rankstats", "cosine"):
-        s = pair_labels(z, DiscoverConfig(pairs=method, feat_dim=32), ref.wta_permutations(32, 32))
+        cfg = DiscoverConfig(pairs=method, feat_dim=32, wta_mu_fraction=0.47)
+        s = pair_labels(z, cfg, ref.wta_permutations(32, 32))
         assert s[0, 3] == 1 and s[3, 0] == 1 and torch.equal(s, s.t()) and bool((s.diagonal() == 1).all())
 
 
@@ -112,7 +116,7 @@ def test_digits_split_and_views():
 
 def test_a_reduced_digits_run_beats_k_means_on_supervised_features():
     d = digits()
-    cfg = DiscoverConfig(epochs=25, seed=0)
+    cfg = DiscoverConfig(epochs=25, seed=0, wta_mu_fraction=0.5)  # a fixed mu: "auto" is tested on its own
     full = run_discover(d, cfg)
     sup = run_discover(d, variant(cfg, "supervised only"))
     km = kmeans_scores(sup.model, d, "cpu")
@@ -129,7 +133,8 @@ def test_cli_writes_results_clusters_and_contact_sheets(tmp_path, capsys):
     from cdul_fast.cli import main
 
     out = tmp_path / "disc"
-    assert main(["discover", "--out", str(out), "--epochs", "2", "--batch-size", "128", "--no-progress"]) == 0
+    assert main(["discover", "--out", str(out), "--epochs", "2", "--batch-size", "128", "--no-progress",
+                 "--mu-candidates", "0.5,0.6", "--select-epochs", "1", "--select-folds", "2"]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     d = digits()
@@ -139,12 +144,48 @@ def test_cli_writes_results_clusters_and_contact_sheets(tmp_path, capsys):
     assert lines[0] == "index,true_class,cluster,confidence" and len(lines) == 1 + int((~d.labelled).sum())
     sheets = sorted((out / "clusters").glob("cluster_*.png"))
     assert len(sheets) == 5 and all(Image.open(p).size[0] == 8 * 40 for p in sheets)
-    assert "epochs: 2" in (out / "config.yaml").read_text()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["wta_mu_fraction"] in (0.5, 0.6)
+    assert saved["wta_mu_fraction"] == res["wta_mu_fraction"] and set(res["mu_selection"]) == {"0.5", "0.6"}
+    best = max(res["mu_selection"].values())
+    assert res["mu_selection"][f"{saved['wta_mu_fraction']:g}"] == best
+
+
+def test_pseudo_split_uses_known_classes_only_and_folds_rotate():
+    d = digits()
+    a, b = pseudo_split(d, 0, 2), pseudo_split(d, 1, 2)
+    for s in (a, b):
+        assert set(s.y_train) == set(s.y_test) == set(d.known)  # no novel-class image seen
+        assert len(s.novel) == 3 and len(s.known) == 2 and set(s.known) | set(s.novel) == set(d.known)
+        assert set(s.y_train[s.labelled]) == set(s.known) and set(s.y_train[~s.labelled]) == set(s.novel)
+    assert a.novel != b.novel
+    with pytest.raises(ConfigError, match="at least 4 known"):
+        pseudo_split(digits(known=3))
+
+
+def test_select_mu_averages_folds_and_prefers_the_smaller_mu_on_ties():
+    from types import SimpleNamespace
+
+    seen = []
+
+    def fake_run(split, cfg):  # fold 0 favours mu 0.7, fold 1 mu 0.4; 0.5 is best on average
+        seen.append((split.novel, cfg.wta_mu_fraction, cfg.epochs))
+        fold = 0 if split.novel == seen[0][0] else 1
+        acc = {0.4: (0.5, 0.9), 0.5: (0.8, 0.8), 0.6: (0.8, 0.8), 0.7: (0.95, 0.3)}[cfg.wta_mu_fraction][fold]
+        return SimpleNamespace(train_novel=SimpleNamespace(acc=acc))
+
+    cfg = DiscoverConfig(select_epochs=7, select_folds=2)
+    best, scores = select_mu(digits(), cfg, fake_run)
+    assert best == 0.5 and scores == pytest.approx({0.4: 0.7, 0.5: 0.8, 0.6: 0.8, 0.7: 0.625})
+    assert len(seen) == 8 and {e for _, _, e in seen} == {7}
 
 
 @pytest.mark.parametrize("argv,message", [(["--dataset", "cifar"], "unknown discover dataset"),
                                           (["--known", "0"], "--known must be"),
                                           (["--pairs", "wta", "--wta-mu-fraction", "0"], "--wta-mu-fraction"),
+                                          (["--wta-mu-fraction", "often"], "--wta-mu-fraction"),
+                                          (["--mu-candidates", "0.5,1.5"], "--mu-candidates"),
+                                          (["--known", "3"], "at least 4 known"),
                                           (["--feat-dim", "0"], "--feat-dim"),
                                           (["--ramp-lambda", "2"], "--ramp-lambda"), (["--wta-k", "500"], "--wta-k")])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):

@@ -52,9 +52,10 @@ def contact_sheet(images: torch.Tensor, title: str) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(out: Path, cfg: DiscoverConfig, data: DiscoverData, res: DiscoverResult, kmeans: dict) -> dict:
+def write_outputs(out: Path, data: DiscoverData, res: DiscoverResult, kmeans: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml_atomic(asdict(cfg), out / "config.yaml")
+    resolved = asdict(res.config)  # an "auto" mu as chosen
+    save_yaml_atomic({k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}, out / "config.yaml")
     rows = np.flatnonzero(data.unlabelled)
     pred = _predict(res.model, data.x_train[torch.from_numpy(rows)], next(res.model.parameters()).device)
     probs = torch.softmax(pred["novel"], dim=1)
@@ -79,6 +80,8 @@ def write_outputs(out: Path, cfg: DiscoverConfig, data: DiscoverData, res: Disco
     results = {"dataset": data.name, "known": list(data.known), "novel": list(data.novel),
                "unlabelled_train": res.train_novel.as_dict(), "held_out_novel": res.test_novel.as_dict(),
                "kmeans_on_learned_features": kmeans, "known_head_accuracy": res.test_known_acc,
+               "wta_mu_fraction": res.config.wta_mu_fraction,
+               "mu_selection": {f"{k:g}": v for k, v in res.mu_scores.items()} if res.mu_scores else None,
                "seconds": round(res.seconds, 1), "cluster_sizes": torch.bincount(cluster, minlength=len(data.novel))
                .tolist()}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -90,4 +93,4 @@ def run(cfg: DiscoverConfig, out: Path, progress: bool = False, log=print) -> di
     data = load_data(cfg)
     res = run_discover(data, cfg, log=log, progress=progress)
     km = kmeans_scores(res.model, data, next(res.model.parameters()).device, seed=cfg.seed).as_dict()
-    return write_outputs(out, cfg, data, res, km)
+    return write_outputs(out, data, res, km)
