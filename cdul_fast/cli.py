@@ -364,8 +364,28 @@ def build_parser() -> argparse.ArgumentParser:
     f = _Flags(dc, "discover")
     f.add("--out", "-o", help="output folder (config.yaml, results.json, clusters.csv, clusters/*.png)",
           required=True)
-    f.add("--dataset", help="digits (scikit-learn's bundled handwritten digits)")
-    f.add("--known", type=int, help="classes 0..known-1 are labelled, the rest are the novel ones to discover")
+    f.add("--dataset", help="digits (scikit-learn's bundled handwritten digits), shapes (the shapes world's "
+                            "single-object images, made under --root if missing), cifar10, cifar100 (the official "
+                            "python versions under --root), folder (--root/<class>/<images> with --class-split)")
+    f.add("--root", help="shapes, cifar10, cifar100, folder: the dataset's folder (with --labels: the store's images, "
+                         "if the store's saved config does not say)")
+    f.add("--labels", help="a label store written with --save-embeddings: group the images every known class scores "
+                           "below --poor, with the images scoring >= --confident as the labelled set (CLIP "
+                           "embeddings as features); writes groups.cdul, clusters.csv and contact sheets")
+    f.add("--confident", type=float, help="--labels: an image whose best known score reaches this is labelled")
+    f.add("--poor", type=float, help="--labels: an image whose every known score is below this is grouped")
+    f.add("--novel", type=int, help="--labels: K, the number of new groups (default: estimated: the best k-means "
+                                    "silhouette over k = 2..--max-novel)")
+    f.add("--max-novel", type=int, help="--labels: the largest K the estimate tries")
+    f.add("--labels-array", help="--labels: the store's array read as known-class scores")
+    f.add("--class-split", help="folder: YAML file {known: [class folders], novel: [class folders]}")
+    f.add("--image-size", type=int, help="shapes and folder: images are resized to this many pixels square")
+    f.add("--known", type=int, help="classes 0..known-1 are labelled, the rest are the novel ones to discover "
+                                    "(default: the dataset's standard split: digits 5, cifar10 5, cifar100 80, "
+                                    "shapes 6)")
+    f.add("--encoder", choices=("auto", "small", "resnet18"),
+          help="image encoder: small (3-layer CNN), resnet18 (the paper's, CIFAR stem); auto = small for digits and "
+               "shapes, resnet18 for cifar and folder")
     f.add("--epochs", type=int, help="training epochs")
     f.add("--batch-size", type=int, help="items per step (labelled and unlabelled drawn together)")
     f.add("--lr", type=float, help="Adam learning rate (cosine schedule)")
@@ -657,6 +677,22 @@ def cmd_discover(args: dict) -> int:
     progress = not args.pop("no_progress", False)
     out = Path(args.pop("out"))
     cfg = DiscoverConfig(**resolve("discover", args, args.pop("config", None)))
+    if cfg.labels is not None:
+        from .discover.run import run_store
+
+        cfg.validate()
+        ds = _store_dataset({k: v for k, v in (("labels", cfg.labels), ("dataset", cfg.dataset), ("root", cfg.root))
+                             if v is not None})
+        res = run_store(cfg, ds, out, progress=progress and sys.stderr.isatty(),
+                        log=lambda s: print(s, file=sys.stderr))
+        gt = res.get("ground_truth")
+        scored = (f"; on the ground truth of {gt['scored_images']} images of unnamed classes: ACC "
+                  f"{100 * gt['groups']['acc']:.1f} % (k-means on the CLIP embeddings "
+                  f"{100 * gt['kmeans_on_clip_embeddings']['acc']:.1f} %)") if gt else ""
+        print(f"{out}: {res['novel_groups']} new groups among {res['candidates']} poorly-scored images (sizes "
+              f"{res['cluster_sizes']}); {res['labelled']} confident images of {len(res['known_classes'])} known "
+              f"classes as the labelled set{scored}; contact sheets in {out / 'clusters'}")
+        return 0
     res = run(cfg, out, progress=progress and sys.stderr.isatty(), log=lambda s: None)
     u, t = res["unlabelled_train"], res["held_out_novel"]
     km, known = res["kmeans_on_learned_features"]["acc"], res["known_head_accuracy"]

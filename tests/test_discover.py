@@ -194,3 +194,171 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     assert main(["discover", "--out", str(tmp_path / "x"), "--epochs", "1", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _fake_cifar(root, variant: str, per_class: int = 3):
+    import pickle
+
+    from cdul_fast.discover.benchmarks import CIFAR
+
+    folder, train, test, meta, label_key, names_key, _ = CIFAR[variant]
+    base = root / folder
+    base.mkdir(parents=True)
+    classes = 10 if variant == "cifar10" else 100
+    rng = np.random.default_rng(0)
+    for name in (*train, *test):
+        y = np.repeat(np.arange(classes), per_class)
+        x = (y[:, None] * 2 + rng.integers(0, 2, (len(y), 3072))).astype(np.uint8)  # class-coded pixel values
+        (base / name).write_bytes(pickle.dumps({b"data": x, label_key: y.tolist(), b"batch_label": b"x"}, protocol=2))
+    (base / meta).write_bytes(pickle.dumps({names_key: [f"c{i}".encode() for i in range(classes)]}, protocol=2))
+    return base
+
+
+@pytest.mark.parametrize("variant,known", [("cifar10", 5), ("cifar100", 80)])
+def test_cifar_adapters_read_the_official_python_layout(tmp_path, variant, known):
+    from cdul_fast.discover.benchmarks import CIFAR, cifar
+
+    _fake_cifar(tmp_path, variant)
+    d = cifar(tmp_path, variant)  # the parent folder
+    classes = 10 if variant == "cifar10" else 100
+    assert d.known == tuple(range(known)) and d.novel == tuple(range(known, classes))
+    per_file = 3 * classes
+    assert tuple(d.x_train.shape) == (per_file * len(CIFAR[variant][1]), 3, 32, 32)
+    assert len(d.y_test) == per_file and set(d.y_train[d.labelled]) == set(range(known))
+    # pixels decode in the file's channel-major order: class c's pixels are 2c or 2c + 1
+    c = int(d.y_train[0])
+    assert set(np.unique(np.round(d.x_train[0].numpy() * 255))) <= {2 * c, 2 * c + 1}
+    assert d.flip and d.encoder == "resnet18" and d.class_names[1] == "c1"
+
+
+def test_cifar_adapter_refuses_pickled_code_and_bad_batches(tmp_path):
+    import os
+    import pickle
+
+    from cdul_fast.discover.benchmarks import cifar
+
+    base = _fake_cifar(tmp_path, "cifar10", per_class=1)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (base / "data_batch_2").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(ConfigError, match="refusing to load"):
+        cifar(base)
+    assert not (tmp_path / "pwned").exists()
+    (base / "data_batch_2").write_bytes(pickle.dumps({b"data": np.zeros((2, 7), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(ConfigError, match=r"uint8 array \[N, 3072\]"):
+        cifar(base)
+    (base / "data_batch_2").write_bytes(b"not a pickle")
+    with pytest.raises(ConfigError, match="not a CIFAR python batch"):
+        cifar(base)
+
+
+def test_image_folder_with_a_class_split_file(tmp_path):
+    from PIL import Image
+
+    from cdul_fast.discover.benchmarks import image_folder
+
+    for i, name in enumerate(["cat", "dog", "fox", "owl", "extra"]):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for j in range(5):
+            Image.new("RGB", (20, 12), (40 * i, 10 * j, 0)).save(tmp_path / "img" / name / f"{j}.png")
+    split = tmp_path / "split.yaml"
+    split.write_text("known: [cat, dog]\nnovel: [fox, owl]\n")
+    d = image_folder(tmp_path / "img", split, size=16, test_fraction=0.2)
+    assert d.class_names == ("cat", "dog", "fox", "owl") and d.known == (0, 1) and d.novel == (2, 3)
+    assert tuple(d.x_train.shape[1:]) == (3, 16, 16) and len(d.y_train) + len(d.y_test) == 20  # "extra" ignored
+    assert set(d.y_train[d.labelled]) == {0, 1} and set(d.y_train[~d.labelled]) == {2, 3}
+    split.write_text("known: [cat]\nnovel: [cat, owl]\n")
+    with pytest.raises(ConfigError, match="listed twice"):
+        image_folder(tmp_path / "img", split)
+    split.write_text("known: [cat]\nnovel: [wolf]\n")
+    with pytest.raises(ConfigError, match="wolf"):
+        image_folder(tmp_path / "img", split)
+
+
+def test_resnet18_encoder_and_rgb_views(torch_seed):
+    from cdul_fast.discover.data import augment
+    from cdul_fast.discover.model import make_encoder
+
+    enc = make_encoder("auto", "image", (3, 32, 32), 64, auto="resnet18")
+    assert type(enc).__name__ == "ResNet18" and enc(torch.rand(2, 3, 32, 32)).shape == (2, 64)
+    x = torch.rand(4, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    v = augment(x, g, flip=True)
+    assert v.shape == x.shape and 0 <= float(v.min()) and float(v.max()) <= 1
+    with pytest.raises(ConfigError, match="does not fit"):
+        make_encoder("mlp", "image", (3, 32, 32), 64)
+
+
+def _store_world(tmp_path, with_embeddings: bool = True):
+    """A folder of 4 classes x 12 images with ground truth, and a label store that names only 'a' and 'b': their
+    images score confidently, 'c' and 'd' poorly; embeddings are 4 separated clusters (not what CLIP would give,
+    but what lets the plumbing be checked exactly)."""
+    from PIL import Image
+
+    from cdul_fast.datasets import load_dataset
+    from cdul_fast.fsutil import file_stats
+    from cdul_fast.store.label_store import LabelStore
+
+    root = tmp_path / "photos"
+    root.mkdir(parents=True)
+    lines = ["path,labels"]
+    for i in range(48):
+        cls = "abcd"[i % 4]
+        Image.new("RGB", (10, 10), (60 * (i % 4), 0, 0)).save(root / f"{i:02d}.png")
+        lines.append(f"{i:02d}.png,{cls}")
+    (root / "truth.csv").write_text("\n".join(lines) + "\n")
+    ds = load_dataset("folder", root, "all", labels=str(root / "truth.csv"))
+    y = np.asarray(ds.labels).argmax(1)  # class index per image, in ds.class_names order (a, b, c, d)
+    rng = np.random.default_rng(0)
+    centers = np.eye(16)[:4] * 3
+    emb = (centers[y] + 0.3 * rng.standard_normal((48, 16))).astype(np.float32)
+    scores = np.where(y[:, None] == np.arange(2)[None], 0.9, 0.1).astype(np.float32)
+    tensors = {"embeddings": ("float32", (1, 16))} if with_embeddings else None
+    path = tmp_path / "named.cdul"
+    with LabelStore.create(path, ["a", "b"], 48, ["final"], meta={"dataset": "folder", "split": "all",
+                           "ids_sha256": ds.ids_digest()}, file_stats=file_stats(ds.paths), tensors=tensors) as st:
+        st.write(0, {"final": scores, **({"embeddings": emb[:, None]} if with_embeddings else {})})
+    return ds, path, y
+
+
+def test_store_discovery_groups_the_unnamed_images_and_writes_a_bound_store(tmp_path):
+    from cdul_fast.discover.run import run_store
+    from cdul_fast.store.label_store import DONE, SKIPPED, LabelStore
+
+    ds, path, y = _store_world(tmp_path)
+    cfg = DiscoverConfig(labels=str(path), epochs=15, batch_size=32, wta_mu_fraction=0.5, feat_dim=32,
+                         confident=0.5, poor=0.3, max_novel=5)
+    res = run_store(cfg, ds, tmp_path / "out", log=lambda s: None)
+    assert res["novel_groups"] == 2 and res["k_silhouette"] is not None  # K estimated: the two unnamed classes
+    assert res["candidates"] == 24 and res["labelled"] == 24 and res["known_classes"] == ["a", "b"]
+    gt = res["ground_truth"]
+    assert gt["classes"] == ["c", "d"] and gt["scored_images"] == 24 and gt["groups"]["acc"] == 1.0
+    with LabelStore.open(tmp_path / "out" / "groups.cdul", mode="r", expect_classes=["novel_00", "novel_01"]) as st:
+        done, probs = np.asarray(st.done), np.asarray(st.array("final"))
+        assert st.meta["ids_sha256"] == ds.ids_digest()
+    assert set(np.flatnonzero(done == DONE)) == set(np.flatnonzero(y >= 2))
+    assert bool((done[y < 2] == SKIPPED).all()) and np.allclose(probs[y >= 2].sum(1), 1, atol=1e-5)
+    groups = probs[y >= 2].argmax(1)  # one group per unnamed class
+    assert len(set(groups[y[y >= 2] == 2])) == 1 and len(set(groups[y[y >= 2] == 3])) == 1
+    assert set(groups[y[y >= 2] == 2]) != set(groups[y[y >= 2] == 3])
+    lines = (tmp_path / "out" / "clusters.csv").read_text().splitlines()
+    assert lines[0] == "path,cluster,confidence,best_known_score" and len(lines) == 25
+    assert sorted(p.name for p in (tmp_path / "out" / "clusters").iterdir()) == ["novel_00.png", "novel_01.png"]
+
+
+def test_store_discovery_errors(tmp_path):
+    from cdul_fast.discover.from_store import store_split
+
+    ds, path, _ = _store_world(tmp_path)
+    with pytest.raises(ConfigError, match="lower --confident"):
+        store_split(path, ds, confident=0.95, poor=0.3, novel=2, max_novel=5)
+    with pytest.raises(ConfigError, match="raise --poor"):
+        store_split(path, ds, confident=0.5, poor=0.05, novel=2, max_novel=5)
+    with pytest.raises(ConfigError, match="--novel must be"):
+        store_split(path, ds, confident=0.5, poor=0.3, novel=30, max_novel=5)
+    ds2, path2, _ = _store_world(tmp_path / "x", with_embeddings=False)
+    with pytest.raises(ConfigError, match="--save-embeddings"):
+        store_split(path2, ds2, confident=0.5, poor=0.3, novel=2, max_novel=5)

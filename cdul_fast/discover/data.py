@@ -19,8 +19,10 @@ from ..errors import ConfigError
 class DiscoverData:
     """Train images split into labelled (known classes) and unlabelled (novel classes), plus a held-out test set.
 
-    ``x_*`` float32 [N, C, H, W] in [0, 1]; ``y_*`` int64 ground truth (the novel ground truth is only used to
-    evaluate); ``labelled`` bool [N_train]; ``known``/``novel`` the class ids; names for display."""
+    ``x_*`` float32 [N, C, H, W] in [0, 1] (images) or [N, K] (embeddings); ``y_*`` int64 ground truth (the novel
+    ground truth is only used to evaluate; -1 where nobody knows it); ``labelled`` bool [N_train]; ``known``/``novel``
+    the class ids; names for display. ``modality`` picks the views (augment) and the encoder key; ``flip`` allows
+    mirrored views (natural photos, not digits); ``encoder`` is what ``--encoder auto`` means for this data."""
 
     name: str
     x_train: torch.Tensor
@@ -31,6 +33,14 @@ class DiscoverData:
     known: tuple[int, ...]
     novel: tuple[int, ...]
     class_names: tuple[str, ...]
+    modality: str = "image"
+    flip: bool = False
+    encoder: str = "small"
+
+    @property
+    def has_truth(self) -> bool:
+        """Whether the novel items' classes are known (to score the clusters)."""
+        return bool(len(self.y_train)) and bool((self.y_train[~self.labelled] >= 0).all())
 
     @property
     def unlabelled(self) -> np.ndarray:
@@ -83,9 +93,25 @@ def shapes_novel(root=None, n: int = 1200, size: int = 32, known: int = 6, test_
                         tuple(range(known, ds.num_classes)), tuple(ds.class_names))
 
 
-def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """A random view: small rotation, scale and shift (one affine warp per image), brightness jitter and noise —
-    SimCLR's recipe cut down to what small grey images support."""
+def views(data: DiscoverData, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One random view of a batch, as the data's modality allows."""
+    if data.modality == "embedding":
+        return augment_embedding(x, g)
+    return augment(x, g, flip=data.flip)
+
+
+def augment_embedding(x: torch.Tensor, g: torch.Generator, drop: float = 0.2, noise: float = 0.05) -> torch.Tensor:
+    """A view of a unit embedding: feature dropout and Gaussian noise, renormalized (an image's embedding has no
+    geometry left to warp)."""
+    keep = (torch.rand(x.shape, generator=g) >= drop).to(x.device, x.dtype) / (1.0 - drop)
+    out = x * keep + noise * torch.randn(x.shape, generator=g).to(x.device, x.dtype) / max(1, x.shape[1]) ** 0.5
+    return F.normalize(out, dim=1)
+
+
+def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0, flip: bool = False) -> torch.Tensor:
+    """A random view: small rotation, scale and shift (one affine warp per image), a mirror when ``flip``,
+    brightness jitter (per channel for colour images) and noise — SimCLR's recipe cut down to what small images
+    support."""
     b = x.shape[0]
 
     def u(lo: float, hi: float) -> torch.Tensor:
@@ -95,9 +121,14 @@ def augment(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch
     scale = 1.0 + u(-0.12, 0.12) * strength
     tx, ty = u(-0.2, 0.2) * strength, u(-0.2, 0.2) * strength
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    mirror = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
+    theta = torch.stack([torch.stack([cos * mirror, -sin, tx], 1), torch.stack([sin * mirror, cos, ty], 1)], 1)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
-    out = out * u(0.7, 1.3).to(x.device).view(b, 1, 1, 1)
+    c = x.shape[1]
+    gain = u(0.7, 1.3).view(b, 1)
+    if c > 1:  # colour: a little per-channel jitter on top (grey images draw nothing more)
+        gain = gain * (1.0 + (torch.rand(b, c, generator=g) - 0.5) * 0.2)
+    out = out * gain.to(x.device, x.dtype).view(b, c, 1, 1)
     out = out + 0.05 * strength * torch.randn(x.shape, generator=g).to(x.device)
     return out.clamp_(0.0, 1.0)

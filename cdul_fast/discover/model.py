@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 
 class SmallConv(nn.Module):
     """A 3-layer CNN for small grey images (digits 8 x 8, shapes thumbnails): -> ``dim`` non-negative features."""
@@ -25,6 +27,55 @@ class SmallConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class ResNet18(nn.Module):
+    """The paper's image encoder (section 4, "to follow [18, 16]"): torchvision's ResNet-18 with the CIFAR stem (3 x 3
+    stride-1 first convolution, no max-pool, so 32 px images keep an 4 x 4 last map), 512 pooled features, and a
+    linear map to ``dim`` when ``dim`` is not 512. Randomly initialized: the paper trains it from scratch."""
+
+    def __init__(self, in_ch: int = 3, dim: int = 512) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        net = resnet18(num_classes=1)
+        net.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+        net.fc = nn.Identity() if dim == 512 else nn.Linear(512, dim)
+        self.net = net
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class EmbeddingMLP(nn.Module):
+    """Encoder for precomputed embeddings (a label store's CLIP image embeddings): a 2-layer MLP -> ``dim``."""
+
+    def __init__(self, in_dim: int, dim: int = 128, hidden: int = 512) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+ENCODERS = ("auto", "small", "resnet18", "mlp")
+
+
+def make_encoder(name: str, modality: str, in_shape: tuple[int, ...], dim: int, auto: str = "small") -> nn.Module:
+    """The encoder f for one modality; ``auto`` = the data's own choice (an MLP for embeddings, ResNet-18 for the
+    paper's benchmarks, the small CNN for digits and shapes, which must train in minutes on a CPU)."""
+    if name == "auto":
+        name = auto
+    if (name == "mlp") != (modality == "embedding"):
+        raise ConfigError(f"--encoder {name} does not fit {modality} inputs: mlp is for embeddings, small and "
+                          "resnet18 for images")
+    if name == "mlp":
+        return EmbeddingMLP(in_shape[0], dim)
+    return ResNet18(in_shape[0], dim) if name == "resnet18" else SmallConv(in_shape[0], dim)
 
 
 class DiscoveryNet(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,18 +22,31 @@ from PIL import Image, ImageDraw
 from ..errors import ConfigError
 from ..fsutil import atomic_write, save_yaml_atomic, write_text_atomic
 from .baselines import kmeans_scores
-from .data import DiscoverData, digits
+from .benchmarks import cifar, image_folder
+from .data import DiscoverData, digits, shapes_novel
 from .trainer import DiscoverConfig, DiscoverResult, _predict, run_discover
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "shapes", "cifar10", "cifar100", "folder")
 SHEET = 8  # contact sheets: SHEET x SHEET tiles
 TILE = 40
 
 
 def load_data(cfg: DiscoverConfig) -> DiscoverData:
-    if cfg.dataset == "digits":
-        return digits(cfg.known)
-    raise ConfigError(f"unknown discover dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if cfg.dataset is not None and cfg.dataset not in DATASETS:
+        raise ConfigError(f"unknown discover dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if cfg.dataset in (None, "digits"):
+        return digits(5 if cfg.known is None else cfg.known)
+    if cfg.dataset == "shapes":
+        return shapes_novel(cfg.root, size=cfg.image_size, known=6 if cfg.known is None else cfg.known)
+    if cfg.root is None:
+        raise ConfigError(f"--dataset {cfg.dataset} needs --root (the dataset's folder)")
+    if cfg.dataset == "folder":
+        if cfg.class_split is None:
+            raise ConfigError("--dataset folder needs --class-split FILE (YAML with known: and novel: class lists)")
+        if cfg.known is not None:
+            raise ConfigError("--dataset folder takes its known classes from --class-split, not --known")
+        return image_folder(cfg.root, cfg.class_split, cfg.image_size)
+    return cifar(cfg.root, cfg.dataset, cfg.known)
 
 
 def contact_sheet(images: torch.Tensor, title: str) -> bytes:
@@ -53,9 +67,7 @@ def contact_sheet(images: torch.Tensor, title: str) -> bytes:
 
 
 def write_outputs(out: Path, data: DiscoverData, res: DiscoverResult, kmeans: dict) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = asdict(res.config)  # an "auto" mu as chosen
-    save_yaml_atomic({k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}, out / "config.yaml")
+    _save_config(out, res.config)  # an "auto" mu as chosen
     rows = np.flatnonzero(data.unlabelled)
     pred = _predict(res.model, data.x_train[torch.from_numpy(rows)], next(res.model.parameters()).device)
     probs = torch.softmax(pred["novel"], dim=1)
@@ -78,14 +90,53 @@ def write_outputs(out: Path, data: DiscoverData, res: DiscoverResult, kmeans: di
                             torch.zeros(0, 1, 8, 8), f"cluster {c}: {members.numel()} images")
         atomic_write(sheets / f"cluster_{c:02d}.png", lambda tmp, b=png: tmp.write_bytes(b))
     results = {"dataset": data.name, "known": list(data.known), "novel": list(data.novel),
-               "unlabelled_train": res.train_novel.as_dict(), "held_out_novel": res.test_novel.as_dict(),
-               "kmeans_on_learned_features": kmeans, "known_head_accuracy": res.test_known_acc,
+               "unlabelled_train": res.train_novel.as_dict() if res.train_novel else None,
+               "held_out_novel": res.test_novel.as_dict() if res.test_novel else None,
+               "kmeans_on_learned_features": kmeans,
+               "known_head_accuracy": None if math.isnan(res.test_known_acc) else res.test_known_acc,
                "wta_mu_fraction": res.config.wta_mu_fraction,
                "mu_selection": {f"{k:g}": v for k, v in res.mu_scores.items()} if res.mu_scores else None,
                "seconds": round(res.seconds, 1), "cluster_sizes": torch.bincount(cluster, minlength=len(data.novel))
                .tolist()}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _save_config(out: Path, cfg: DiscoverConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml_atomic({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}, out / "config.yaml")
+
+
+def run_store(cfg: DiscoverConfig, ds, out: Path, progress: bool = False, log=print) -> dict:
+    """Discovery among a label store's poorly-scored images (``from_store``); scored against the dataset's ground
+    truth where it names classes the store's vocabulary lacks, next to k-means on the same CLIP embeddings."""
+    from sklearn.cluster import KMeans
+
+    from .from_store import store_split, truth_of, write_store_outputs
+    from .metrics import cluster_scores
+
+    cfg.validate()
+    split = store_split(cfg.labels, ds, cfg.confident, cfg.poor, cfg.novel, cfg.max_novel, cfg.labels_array,
+                        cfg.seed)
+    for note in split.notes:
+        log(note)
+    data = split.data
+    res = run_discover(data, cfg, log=log, progress=progress)
+    n_lab = int(data.labelled.sum())
+    pred = _predict(res.model, data.x_train[n_lab:], next(res.model.parameters()).device)
+    probs = torch.softmax(pred["novel"], dim=1).numpy()
+    info = {"confident": cfg.confident, "poor": cfg.poor, "wta_mu_fraction": res.config.wta_mu_fraction,
+            "mu_selection": {f"{k:g}": v for k, v in res.mu_scores.items()} if res.mu_scores else None,
+            "seconds": round(res.seconds, 1)}
+    idx, truth = truth_of(ds, split.vocabulary, split.candidates)
+    if idx.size and len(set(truth.tolist())) > 1:
+        k = len(data.novel)
+        km = KMeans(n_clusters=k, n_init=10, random_state=cfg.seed).fit_predict(data.x_train[n_lab:][idx].numpy())
+        info["ground_truth"] = {"scored_images": int(idx.size), "classes": sorted({ds.class_names[t] for t in truth}),
+                                "groups": cluster_scores(truth, probs[idx].argmax(1)).as_dict(),
+                                "kmeans_on_clip_embeddings": cluster_scores(truth, km).as_dict()}
+    _save_config(out, res.config)
+    return write_store_outputs(out, ds, cfg.labels, split, probs, info)
 
 
 def run(cfg: DiscoverConfig, out: Path, progress: bool = False, log=print) -> dict:

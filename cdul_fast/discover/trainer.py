@@ -27,10 +27,10 @@ from ..config import SEED_MAX, check_number
 from ..errors import ConfigError
 from ..ops import dispatch as ops
 from ..ops import reference as ref
-from .data import DiscoverData, augment
+from .data import DiscoverData, views
 from .losses import consistency_mse, known_ce, nce_losses, ramp_up
 from .metrics import ClusterScores, cluster_scores
-from .model import DiscoveryNet, SmallConv
+from .model import ENCODERS, DiscoveryNet, make_encoder
 from .select import select_mu
 
 PAIR_METHODS = ("wta", "rankstats", "cosine")
@@ -38,8 +38,18 @@ PAIR_METHODS = ("wta", "rankstats", "cosine")
 
 @dataclass
 class DiscoverConfig:
-    dataset: str = "digits"
-    known: int = 5
+    dataset: str | None = None  # None: digits, or with --labels the dataset the store records
+    labels: str | None = None  # a label store with embeddings: discover among its poorly-scored images
+    confident: float = 0.5  # --labels: images whose best known score reaches this are the labelled set
+    poor: float = 0.3  # --labels: images whose every known score is below this are grouped
+    novel: int | None = None  # --labels: K, the number of new groups; None = estimated (silhouette)
+    max_novel: int = 10  # --labels: the largest K the estimate tries
+    labels_array: str = "final"  # --labels: the store's array read as known-class scores
+    root: str | None = None  # shapes (its folder, made if missing), cifar10/cifar100 and folder datasets
+    class_split: str | None = None  # folder: YAML {known: [...], novel: [...]}
+    image_size: int = 32  # folder and shapes: images resized to this many pixels
+    known: int | None = None  # None: the dataset's standard split (digits 5, cifar10 5, cifar100 80, shapes 6)
+    encoder: str = "auto"  # auto (the data's: small CNN for digits/shapes, resnet18 for cifar/folder), small, resnet18
     epochs: int = 100
     batch_size: int = 256
     lr: float = 1e-3
@@ -71,7 +81,7 @@ class DiscoverConfig:
         if self.pairs not in PAIR_METHODS:
             raise ConfigError(f"pairs must be one of {', '.join(PAIR_METHODS)}, got {self.pairs!r}")
         for flag, value, lo, hi, integer in (
-                ("--known", self.known, 1, None, True), ("--epochs", self.epochs, 1, None, True),
+                ("--epochs", self.epochs, 1, None, True), ("--image-size", self.image_size, 8, 1024, True),
                 ("--batch-size", self.batch_size, 2, None, True), ("--lr", self.lr, 1e-12, None, False),
                 ("--weight-decay", self.weight_decay, 0.0, None, False), ("--tau", self.tau, 1e-6, None, False),
                 ("--ramp-lambda", self.ramp_lambda, 0.0, 1.0, False), ("--feat-dim", self.feat_dim, 4, 65536, True),
@@ -81,6 +91,15 @@ class DiscoverConfig:
                 ("--cosine-threshold", self.cosine_threshold, -1.0, 1.0, False)):
             check_number(flag, value, lo=lo, hi=hi, integer=integer)
         check_number("--wta-hashes", self.wta_hashes, lo=1, hi=65536, integer=True, optional=True)
+        check_number("--known", self.known, lo=1, integer=True, optional=True)
+        check_number("--confident", self.confident, lo=0.0, hi=1.0)
+        check_number("--poor", self.poor, lo=0.0, hi=1.0)
+        check_number("--novel", self.novel, lo=2, hi=65536, integer=True, optional=True)
+        check_number("--max-novel", self.max_novel, lo=2, hi=1000, integer=True)
+        if self.poor > self.confident:
+            raise ConfigError(f"--poor ({self.poor}) must not exceed --confident ({self.confident})")
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"--encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         check_number("--select-epochs", self.select_epochs, lo=1, integer=True)
         check_number("--select-folds", self.select_folds, lo=1, hi=64, integer=True)
         if self.wta_mu_fraction != "auto":
@@ -95,8 +114,8 @@ class DiscoverConfig:
 @dataclass
 class DiscoverResult:
     model: DiscoveryNet
-    train_novel: ClusterScores  # transductive: the unlabelled training items (the headline)
-    test_novel: ClusterScores  # held-out novel-class images
+    train_novel: ClusterScores | None  # transductive: the unlabelled training items (the headline); None: no truth
+    test_novel: ClusterScores | None  # held-out novel-class images
     test_known_acc: float
     config: DiscoverConfig  # as run: an "auto" mu replaced by the chosen one
     history: list[dict] = field(default_factory=list)
@@ -134,21 +153,29 @@ def wta_mu(cfg: DiscoverConfig, perms: torch.Tensor) -> int:
 def _predict(model: DiscoveryNet, x: torch.Tensor, device, batch: int = 512) -> dict[str, torch.Tensor]:
     model.eval()
     outs = []
+    (modality,) = model.encoders.keys()
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):
-            o = model({"image": x[i:i + batch].to(device)})
+            o = model({modality: x[i:i + batch].to(device)})
             outs.append({k: v.cpu() for k, v in o.items() if k in ("zbar", "known", "novel")})
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]} if outs else {}
 
 
-def evaluate(model: DiscoveryNet, data: DiscoverData, device) -> tuple[ClusterScores, ClusterScores, float]:
+def evaluate(model: DiscoveryNet, data: DiscoverData, device
+             ) -> tuple[ClusterScores | None, ClusterScores | None, float]:
     """Novel-head clusters scored on the unlabelled train items and the held-out novel images (Hungarian ACC, NMI,
-    ARI), and the known head's accuracy on the held-out known images."""
+    ARI), and the known head's accuracy on the held-out known images; None / NaN where there is nothing to score
+    against (a label store's images: nobody knows their novel classes)."""
+    if not data.has_truth:
+        return None, None, float("nan")
     tr = _predict(model, data.x_train[torch.from_numpy(data.unlabelled)], device)
     train_novel = cluster_scores(data.y_train[data.unlabelled], tr["novel"].argmax(1).numpy())
+    if not len(data.y_test):
+        return train_novel, None, float("nan")
     novel_te = np.isin(data.y_test, data.novel)
     te = _predict(model, data.x_test, device)
-    test_novel = cluster_scores(data.y_test[novel_te], te["novel"][torch.from_numpy(novel_te)].argmax(1).numpy())
+    test_novel = cluster_scores(data.y_test[novel_te], te["novel"][torch.from_numpy(novel_te)].argmax(1).numpy()) \
+        if novel_te.any() else None
     known_te = ~novel_te
     acc = float((te["known"][torch.from_numpy(known_te)].argmax(1).numpy()
                  == data.known_index(data.y_test[known_te])).mean()) if known_te.any() else float("nan")
@@ -171,9 +198,10 @@ def run_discover(data: DiscoverData, cfg: DiscoverConfig, log: Callable[[str], N
         cfg = dataclasses.replace(cfg, wta_mu_fraction=mu)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    in_ch = data.x_train.shape[1]
-    model = DiscoveryNet({"image": SmallConv(in_ch, cfg.feat_dim)}, cfg.feat_dim, len(data.known), len(data.novel),
-                         cfg.proj_dim, cfg.head_hidden).to(device)
+    mod = data.modality
+    encoder = make_encoder(cfg.encoder, mod, tuple(data.x_train.shape[1:]), cfg.feat_dim, data.encoder)
+    model = DiscoveryNet({mod: encoder}, cfg.feat_dim, len(data.known), len(data.novel), cfg.proj_dim,
+                         cfg.head_hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = data.x_train.shape[0]
     steps = math.ceil(n / cfg.batch_size)
@@ -195,14 +223,14 @@ def run_discover(data: DiscoverData, cfg: DiscoverConfig, log: Callable[[str], N
             if idx.numel() < 2:
                 continue
             x = data.x_train[idx]
-            v1, v2 = augment(x, g).to(device), augment(x, g).to(device)
+            v1, v2 = views(data, x, g).to(device), views(data, x, g).to(device)
             y = y_known[idx].to(device)
-            o = model({"image": torch.cat([v1, v2])})
+            o = model({mod: torch.cat([v1, v2])})
             b = idx.numel()
             lab, unl = y >= 0, y < 0
             parts = {}
             zero = o["zbar"].sum() * 0.0
-            nce_i, nce_c = nce_losses(o["zhat_image"], y, cfg.tau)
+            nce_i, nce_c = nce_losses(o[f"zhat_{mod}"], y, cfg.tau)
             parts["cl"] = (nce_i if cfg.use_nce_i else zero) + (nce_c if cfg.use_nce_c else zero)
             parts["ce"] = known_ce(o["known"][:b], y) if cfg.use_ce else zero
             p_nov = torch.softmax(o["novel"], dim=1)
