@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_rows  # noqa: E402
 
 from cdul_fast.discover.baselines import kmeans_scores, variant  # noqa: E402
-from cdul_fast.discover.data import digits  # noqa: E402
+from cdul_fast.discover.data import digits, shapes_novel  # noqa: E402
 from cdul_fast.discover.select import select_mu  # noqa: E402
 from cdul_fast.discover.trainer import DiscoverConfig, run_discover  # noqa: E402
 
@@ -47,6 +47,11 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default: DiscoverConfig's)")
     ap.add_argument("--only", default=None,
                     help="variants to run, comma-separated, e.g. --only='full,-BCE,pairs: cosine' (default: all)")
+    ap.add_argument("--dataset", choices=("digits", "shapes"), default="digits",
+                    help="digits (0-4 known, 5-9 novel) or the shapes world's single-object split (6 known / 6 novel)")
+    ap.add_argument("--shapes-root", type=Path, default=Path("bench/results/shapes_world"),
+                    help="--dataset shapes: where the world is made (once) and read")
+    ap.add_argument("--images", type=int, default=2400, help="--dataset shapes: images made (80 %% train)")
     ap.add_argument("--mu", type=float, default=None, help="a fixed mu / H for every run (default: chosen per seed)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, full and supervised only")
     ap.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "results" / "discover.csv")
@@ -62,7 +67,7 @@ def main() -> int:
     if args.quick:
         args.seeds, names = 1, ["full", "supervised only"]
         base = dataclasses.replace(base, epochs=3, select_epochs=2, select_folds=1, mu_candidates=(0.5, 0.6))
-    data = digits()
+    data = digits() if args.dataset == "digits" else shapes_novel(args.shapes_root, n=args.images)
     env = environment()
     mus = {}
     for seed in range(args.seeds):
@@ -77,8 +82,8 @@ def main() -> int:
         for seed in range(args.seeds):
             res = run_discover(data, dataclasses.replace(_config(name, base), seed=seed, wta_mu_fraction=mus[seed]))
             km = kmeans_scores(res.model, data, "cpu", seed=seed)
-            row = {**env, "variant": name, "seed": seed, "epochs": base.epochs, "mu_fraction": mus[seed],
-                   "seconds": round(res.seconds, 1),
+            row = {**env, "dataset": data.name, "variant": name, "seed": seed, "epochs": base.epochs,
+                   "mu_fraction": mus[seed], "seconds": round(res.seconds, 1),
                    "head_acc": round(res.train_novel.acc, 4), "head_nmi": round(res.train_novel.nmi, 4),
                    "head_ari": round(res.train_novel.ari, 4), "test_acc": round(res.test_novel.acc, 4),
                    "kmeans_acc": round(km.acc, 4), "known_acc": round(res.test_known_acc, 4)}
@@ -86,7 +91,8 @@ def main() -> int:
             print(f"{name:<18} seed {seed}: novel head ACC {row['head_acc']:.3f} (test {row['test_acc']:.3f}), "
                   f"k-means on its features {row['kmeans_acc']:.3f}, known {row['known_acc']:.3f}, "
                   f"{row['seconds']:.0f}s", flush=True)
-    print(f"\ndigits 5/5, {base.epochs} epochs, {args.seeds} seeds (mean ± std, %)")
+    print(f"\n{data.name} {len(data.known)}/{len(data.novel)}, {base.epochs} epochs, {args.seeds} seeds "
+          "(mean ± std, %)")
     print(f"{'variant':<18} {'novel head ACC':>16} {'NMI':>12} {'ARI':>12} {'held-out ACC':>16} "
           f"{'k-means ACC':>16}")
 
