@@ -185,7 +185,6 @@ def test_select_mu_averages_folds_and_prefers_the_smaller_mu_on_ties():
                                           (["--pairs", "wta", "--wta-mu-fraction", "0"], "--wta-mu-fraction"),
                                           (["--wta-mu-fraction", "often"], "--wta-mu-fraction"),
                                           (["--mu-candidates", "0.5,1.5"], "--mu-candidates"),
-                                          (["--known", "3"], "at least 4 known"),
                                           (["--feat-dim", "0"], "--feat-dim"),
                                           (["--ramp-lambda", "2"], "--ramp-lambda"), (["--wta-k", "500"], "--wta-k")])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):

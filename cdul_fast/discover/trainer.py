@@ -31,9 +31,10 @@ from .data import DiscoverData, views
 from .losses import consistency_mse, known_ce, nce_losses, ramp_up
 from .metrics import ClusterScores, cluster_scores
 from .model import ENCODERS, DiscoveryNet, make_encoder
-from .select import select_mu
+from .select import pseudo_novel_count, select_mu
 
 PAIR_METHODS = ("wta", "rankstats", "cosine")
+FALLBACK_MU = 0.5  # "auto" with fewer than 4 known classes: the value the digits search picks most often
 
 
 @dataclass
@@ -193,8 +194,12 @@ def run_discover(data: DiscoverData, cfg: DiscoverConfig, log: Callable[[str], N
     t0 = time.perf_counter()
     mu_scores = None
     if cfg.wta_mu_fraction == "auto" and cfg.pairs == "wta" and cfg.use_bce:  # otherwise mu is never read
-        mu, mu_scores = select_mu(data, cfg, run_discover, log)
-        log(f"mu / H = {mu:.2f} (best on the known-class split)")
+        if pseudo_novel_count(data) >= 2:
+            mu, mu_scores = select_mu(data, cfg, run_discover, log)
+            log(f"mu / H = {mu:.2f} (best on the known-class split)")
+        else:
+            mu = FALLBACK_MU
+            log(f"mu / H = {mu} (too few known classes to choose it on a split of them: 4 are needed)")
         cfg = dataclasses.replace(cfg, wta_mu_fraction=mu)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
