@@ -361,3 +361,20 @@ def test_store_discovery_errors(tmp_path):
     ds2, path2, _ = _store_world(tmp_path / "x", with_embeddings=False)
     with pytest.raises(ConfigError, match="--save-embeddings"):
         store_split(path2, ds2, confident=0.5, poor=0.3, novel=2, max_novel=5)
+
+
+def test_cli_runs_cifar(tmp_path, capsys):
+    import json
+
+    from cdul_fast.cli import main
+
+    _fake_cifar(tmp_path, "cifar10", per_class=4)
+    out = tmp_path / "c10"
+    assert main(["discover", "--dataset", "cifar10", "--root", str(tmp_path), "--out", str(out), "--epochs", "1",
+                 "--batch-size", "100", "--wta-mu-fraction", "0.5", "--encoder", "small", "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"] == "cifar10" and res["novel"] == [5, 6, 7, 8, 9] and sum(res["cluster_sizes"]) == 100
+    assert yaml.safe_load((out / "config.yaml").read_text())["encoder"] == "small"
+    assert len(list((out / "clusters").glob("*.png"))) == 5
+    assert main(["discover", "--labels", str(tmp_path / "x.cdul"), "--known", "3", "--out", str(out)]) == 2
+    assert "--known does not apply" in capsys.readouterr().err

@@ -97,6 +97,10 @@ class DiscoverConfig:
         check_number("--poor", self.poor, lo=0.0, hi=1.0)
         check_number("--novel", self.novel, lo=2, hi=65536, integer=True, optional=True)
         check_number("--max-novel", self.max_novel, lo=2, hi=1000, integer=True)
+        for flag, value in (("--known", self.known), ("--class-split", self.class_split)):
+            if self.labels is not None and value is not None:
+                raise ConfigError(f"{flag} does not apply with --labels: the store's confidently scored classes are "
+                                  "the known ones")
         if self.poor > self.confident:
             raise ConfigError(f"--poor ({self.poor}) must not exceed --confident ({self.confident})")
         if self.encoder not in ENCODERS:
