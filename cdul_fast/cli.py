@@ -28,13 +28,15 @@ from .config import (
     parse_kv,
     resolve,
 )
-from .errors import CdulError, DependencyError
+from .errors import CdulError, ConfigError, DependencyError
 from .views.registry import CHOICES as DECODER_CHOICES
 from .views.registry import decoder_help
 
 SUPPRESS = argparse.SUPPRESS
 # Errors of writing that the user fixes (space, permissions, read-only mounts): one line, not an internal error.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# a full disk, a read-only or foreign folder, or a path whose folder is a file (or a folder where a file goes)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                 errno.EISDIR}
 
 
 def _csv(value: str) -> list[str]:
@@ -677,6 +679,12 @@ def cmd_discover(args: dict) -> int:
     progress = not args.pop("no_progress", False)
     out = Path(args.pop("out"))
     cfg = DiscoverConfig(**resolve("discover", args, args.pop("config", None)))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; discover writes a folder (give a new or existing folder)")
+    try:  # before training: a folder that cannot be made fails in a second, not after the run
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the --out folder {out}: {exc.strerror or exc}") from None
     if cfg.labels is not None:
         from .discover.run import run_store
 

@@ -3,6 +3,7 @@ metrics against brute force, and a reduced digits run against k-means."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -159,6 +160,10 @@ def test_pseudo_split_uses_known_classes_only_and_folds_rotate():
         assert len(s.novel) == 3 and len(s.known) == 2 and set(s.known) | set(s.novel) == set(d.known)
         assert set(s.y_train[s.labelled]) == set(s.known) and set(s.y_train[~s.labelled]) == set(s.novel)
     assert a.novel != b.novel
+    shown = dataclasses.replace(d, modality="embedding", x_train=d.x_train.flatten(1), x_test=d.x_test.flatten(1),
+                                encoder="mlp")
+    e = pseudo_split(shown)
+    assert (e.modality, e.encoder, e.x_train.ndim) == ("embedding", "mlp", 2)  # the split keeps how items are viewed
     with pytest.raises(ConfigError, match="at least 4 known"):
         pseudo_split(digits(known=3))
 

@@ -36,9 +36,9 @@ def pseudo_split(data: DiscoverData, fold: int = 0, folds: int = 1) -> DiscoverD
     known, novel = tuple(sorted(order[:-m])), tuple(sorted(order[-m:]))
     tr, te = np.isin(data.y_train, data.known), np.isin(data.y_test, data.known)
     y_tr = data.y_train[tr]
-    return DiscoverData(f"{data.name} (known-class split)", data.x_train[np.flatnonzero(tr)], y_tr,
-                        np.isin(y_tr, known), data.x_test[np.flatnonzero(te)], data.y_test[te], known, novel,
-                        data.class_names)
+    return dataclasses.replace(data, name=f"{data.name} (known-class split)", x_train=data.x_train[np.flatnonzero(tr)],
+                               y_train=y_tr, labelled=np.isin(y_tr, known), x_test=data.x_test[np.flatnonzero(te)],
+                               y_test=data.y_test[te], known=known, novel=novel)  # modality, views, encoder kept
 
 
 def select_mu(data: DiscoverData, cfg, run: Callable, log: Callable[[str], None] = lambda s: None
