@@ -464,8 +464,9 @@ def cmd_label(args: dict) -> int:
 
 
 def _labelled_with(store: str) -> dict:
-    """The label configuration saved beside ``store`` (``<store>.yaml``), following a rescored store to its source;
-    empty when there is none (it only fills in options the user did not give)."""
+    """The label configuration saved beside ``store`` (``<store>.yaml``), following a rescored store, or the groups
+    `discover --labels` wrote, to its source; empty when there is none (it only fills in options the user did not
+    give)."""
     from pathlib import Path
 
     import yaml
@@ -473,7 +474,7 @@ def _labelled_with(store: str) -> dict:
     from .store.label_store import LabelStore
 
     path = store
-    for _ in range(2):  # the store itself, then the store it was re-scored from
+    for _ in range(4):  # the store itself, then the stores it was discovered in or re-scored from
         try:
             data = yaml.safe_load(Path(f"{path}.yaml").read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -482,7 +483,7 @@ def _labelled_with(store: str) -> dict:
             return data
         try:
             with LabelStore.open(path, mode="r", verify=False) as st:
-                path = (st.meta.get("rescored_from") or {}).get("store")
+                path = st.meta.get("discovered_from") or (st.meta.get("rescored_from") or {}).get("store")
         except CdulError:
             return {}
         if not path:

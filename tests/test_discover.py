@@ -351,6 +351,11 @@ def test_store_discovery_groups_the_unnamed_images_and_writes_a_bound_store(tmp_
     lines = (tmp_path / "out" / "clusters.csv").read_text().splitlines()
     assert lines[0] == "path,cluster,confidence,best_known_score" and len(lines) == 25
     assert sorted(p.name for p in (tmp_path / "out" / "clusters").iterdir()) == ["novel_00.png", "novel_01.png"]
+    from cdul_fast.deploy.tags import run_tags
+
+    tags = run_tags(tmp_path / "out" / "groups.cdul", ds, tmp_path / "groups.csv", mode="top-k", top_k=1)
+    rows = (tmp_path / "groups.csv").read_text().splitlines()
+    assert tags.images == 24 and len(rows) == 25 and all(r.split(",")[1].startswith("novel_0") for r in rows[1:])
 
 
 def test_store_discovery_errors(tmp_path):

@@ -191,10 +191,12 @@ def write_thresholds(path: Path, class_names: tuple[str, ...], thresholds: np.nd
 def run_tags(store_path: str | Path, ds: MultiLabelSet, out: str | Path, array: str = "final", mode: str = "fixed",
              threshold: float | None = None, top_k: int | None = None, thresholds_file: str | None = None,
              min_score: float = 0.0, allow_incomplete: bool = False) -> TagsResult:
-    """Tags of every labelled image of the store (which must belong to ``ds``) written to ``out``."""
+    """Tags of every labelled image of the store (which must belong to ``ds``: rows, ids, file stats) written to
+    ``out``. The tags are the store's classes, which may differ from the dataset's (a rescore with another
+    vocabulary, or the groups `discover --labels` found)."""
     out = Path(out)
     check_format(out)
-    with LabelStore.open(store_path, mode="r", expect_classes=ds.class_names) as store:
+    with LabelStore.open(store_path, mode="r") as store:
         rows, notes = labelled_rows(store, ds, allow_incomplete)
         scores = np.array(store.array(array))[rows]
         class_names = store.class_names

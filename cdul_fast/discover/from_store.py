@@ -8,7 +8,7 @@ training; the views are feature dropout and noise (``data.augment_embedding``). 
 the k in 2..``max_novel`` whose k-means partition of the poorly-scored embeddings has the best silhouette score.
 
 Outputs: a label store bound to the same images (classes ``novel_00`` ...: each candidate row's cluster
-probabilities; other rows skipped) that ``tags`` and ``eval`` read, ``clusters.csv`` (path, cluster, confidence,
+probabilities; other rows skipped) that ``tags`` reads, ``clusters.csv`` (path, cluster, confidence,
 best known score) and a contact sheet per cluster of its most confident images, for a person to name.
 """
 
