@@ -43,7 +43,8 @@ from _common import environment, print_table  # noqa: E402
 from cdul_fast.clip.loader import DEFAULT_TEMPLATE, load_clip  # noqa: E402
 from cdul_fast.clip.prompts import encode_classes, make_prompts, prompts_from_meta  # noqa: E402
 from cdul_fast.datasets import MultiLabelSet, load_dataset  # noqa: E402
-from cdul_fast.label.pipeline import LabelConfig, run_label, store_meta  # noqa: E402
+from cdul_fast.label.job import store_meta  # noqa: E402
+from cdul_fast.label.pipeline import LabelConfig, run_label  # noqa: E402
 from cdul_fast.label.rescore import RescoreConfig, load_text_encoder, run_rescore  # noqa: E402
 from cdul_fast.label.scoring import EMBEDDINGS  # noqa: E402
 from cdul_fast.store import label_store as ls  # noqa: E402

@@ -28,6 +28,7 @@ from .config import (
     parse_kv,
     resolve,
 )
+from .dist import env_rank
 from .errors import CdulError, ConfigError, DependencyError
 from .views.registry import CHOICES as DECODER_CHOICES
 from .views.registry import decoder_help
@@ -456,6 +457,8 @@ def cmd_label(args: dict) -> int:
     cfg_dict["save"] = tuple(cfg_dict.get("save") or ())
     cfg = LabelConfig(**cfg_dict, progress=progress and sys.stderr.isatty())
     res = run_label(cfg)
+    if env_rank() != 0:  # under torchrun rank 0 speaks for the job
+        return 0
     status = "complete" if res.complete else "INCOMPLETE"
     now = f" ({res.labelled_now} by this run)" if res.labelled_now != res.labelled else ""
     print(f"{res.store}: {status}, {res.rows} images: {res.labelled} labelled{now}, {res.skipped} skipped, "
@@ -734,7 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CdulError as exc:
         if debug:
             raise
-        print(f"cdul-fast {ns.command}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "from_rank0", False):  # rank 0 printed the error it shared with the other ranks
+            print(f"cdul-fast {ns.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"cdul-fast {ns.command}: interrupted", file=sys.stderr)

@@ -133,16 +133,16 @@ def test_aggregator_choice_changes_final(tmp_path, image_folder, clip):
 
 _SIGNALLER = """
 import os, signal, sys
-import cdul_fast.label.pipeline as L
+import cdul_fast.label.job as J
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a job started with `&` ignores SIGINT
 count = {"n": 0}
-orig = L._write_runs
+orig = J._write_runs
 def signalled(store, rows, values):
     orig(store, rows, values)
     count["n"] += 1
     if count["n"] == int(os.environ["SIGNAL_AFTER"]):
         os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
-L._write_runs = signalled
+J._write_runs = signalled
 from cdul_fast.cli import main
 sys.exit(main(sys.argv[1:]))
 """  # runs `cdul-fast` with its arguments and sends itself $SIGNAL after $SIGNAL_AFTER store writes

@@ -216,7 +216,7 @@ def test_rescore_refusals_are_one_line(tmp_path, stores, capsys):
 
 
 def test_rescore_resumes_byte_identically(tmp_path, stores, monkeypatch):
-    import cdul_fast.label.pipeline as pipeline
+    import cdul_fast.label.job as pipeline
 
     whole, cut = tmp_path / "whole.cdul", tmp_path / "cut.cdul"
     _rescore(stores["fp16"], whole, block_rows=3, classes="moon,star,ring")

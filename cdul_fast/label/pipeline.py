@@ -9,428 +9,81 @@ batches an uninterrupted run computes and ends with a byte-identical file.
 
 from __future__ import annotations
 
-import re
 import signal
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from .._backend import resolve_device
-from ..clip.loader import DEFAULT_TEMPLATE, ClipModel, load_clip
-from ..clip.prompts import Prompts, encode_classes, make_prompts
-from ..config import AGGREGATORS, BACKENDS, OUTPUTS, PRECISIONS, SEED_MAX, check_choice, check_number
-from ..datasets import MultiLabelSet, load_dataset
-from ..errors import ConfigError, StoreError
-from ..fsutil import file_stats, save_yaml_atomic, write_text_atomic
-from ..store.label_store import DONE, PENDING, SKIPPED, LabelStore
-from ..views.decode import failure_reason, load_rgb
-from ..views.geometry import ViewSpec, normalize_views
-from ..views.registry import ALIASES as DECODER_ALIASES
-from ..views.registry import make_view_source
+from ..clip.loader import ClipModel
+from ..datasets import MultiLabelSet
+from ..dist import world as dist_world
 from ..views.source import plan_blocks
-from .scoring import EMBEDDING_DTYPES, EMBEDDINGS, label_arrays, normalize_embeddings, score_block
+from .job import (
+    LabelConfig,
+    LabelJob,
+    LabelResult,
+    SkipLog,
+    finish,
+    prepare_job,
+    progress_bar,
+    raise_interrupt,
+    relabel_changed,
+    start_line,
+)
+from .shards import parts_dir, run_sharded
 
-MAX_GRID = 16
-"""More snippets than 16 x 16 = 256 per image is past any use in the paper (G = 3) and runs machines out of memory."""
-
-
-@dataclass
-class LabelConfig:
-    """Everything that determines the content of a label store (saved in its metadata and beside it as YAML)."""
-
-    out: str
-    dataset: str = "shapes"
-    root: str | None = None
-    split: str | None = None
-    dataset_options: dict = field(default_factory=dict)
-    clip: str = "shapes-clip"
-    clip_weights: str | None = None
-    clip_precision: str = "auto"
-    template: str = DEFAULT_TEMPLATE
-    templates: str | None = None
-    synonyms: str | None = None
-    grid: int = 3
-    zeta: float = 0.3
-    lam: float = 1.0
-    aggregator: str = "cdul"
-    save: tuple[str, ...] = ()
-    save_embeddings: bool = False
-    embedding_dtype: str = "fp16"
-    batch_size: int = 32
-    decoder: str = "auto"
-    workers: int | None = None
-    device: str = "auto"
-    backend: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    flush_every: int = 50
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.grid < 1:
-            raise ConfigError(f"--grid must be >= 1 (got {self.grid}): CDUL needs at least one snippet per image")
-        if not 0.0 <= self.zeta <= 1.0:
-            raise ConfigError(f"--zeta must be in [0, 1] (softmax scores are), got {self.zeta}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ConfigError(f"--lam must be in [0, 1] (0 = average, 1 = max of global and local), got {self.lam}")
-        check_choice("--aggregator", self.aggregator, AGGREGATORS)
-        bad = [s for s in self.save if s not in OUTPUTS]
-        if bad:
-            raise ConfigError(f"--save accepts {', '.join(OUTPUTS)}; unknown: {', '.join(bad)}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite exclude each other")
-        check_choice("--backend", self.backend, BACKENDS)
-        check_choice("--clip-precision", self.clip_precision, PRECISIONS)
-        check_choice("--embedding-dtype", self.embedding_dtype, tuple(EMBEDDING_DTYPES))
-        check_number("--grid", self.grid, lo=1, hi=MAX_GRID, integer=True)
-        check_number("--batch-size", self.batch_size, lo=1, hi=1 << 20, integer=True)
-        check_number("--workers", self.workers, lo=0, integer=True, optional=True)
-        check_number("--flush-every", self.flush_every, lo=0, integer=True)
-        check_number("--seed", self.seed, lo=0, hi=SEED_MAX, integer=True)
-
-
-def store_meta(cfg: LabelConfig, ds: MultiLabelSet, clip: ClipModel, decoder: str, precision: str,
-               prompts: Prompts, embeddings: tuple[int, int] | None = None) -> dict:
-    """What a resumed run must agree on: any difference would mix rows computed two different ways."""
-    meta = {
-        "kind": "cdul-pseudo-labels",
-        "dataset": ds.name,
-        "split": ds.split,
-        "images": len(ds),
-        "ids_sha256": ds.ids_digest(),
-        "clip": clip.name,
-        "clip_weights": clip.weights,
-        "clip_identity": clip.identity,
-        "clip_precision": precision,
-        "logit_scale": clip.logit_scale,
-        **prompts.meta(),
-        "grid": cfg.grid,
-        "zeta": cfg.zeta,
-        "lam": cfg.lam,
-        "aggregator": cfg.aggregator,
-        "batch_size": cfg.batch_size,
-        "decoder": decoder,
-    }
-    if embeddings is not None:
-        views, dim = embeddings
-        meta["embeddings"] = {"tensor": EMBEDDINGS, "dtype": EMBEDDING_DTYPES[cfg.embedding_dtype], "views": views,
-                              "dim": dim, "normalized": True}
-    return meta
-
-
-# Where the weights file lies is recorded but not compared: a reinstalled package or a moved copy holds the same
-# weights at another path, and clip_identity (the name plus the file's content hash, or the tag) is what decides.
-_NOT_COMPARED = {"clip_weights"}
-
-
-def _meta_mismatch(old: dict, new: dict) -> list[str]:
-    return [f"{k}: store has {old.get(k)!r}, this run {new.get(k)!r}" for k in sorted(new)
-            if k not in _NOT_COMPARED and old.get(k) != new.get(k)]
-
-
-def _open_store(cfg: LabelConfig, ds: MultiLabelSet, arrays: list[str], meta: dict,
-                stats: np.ndarray, tensors: dict) -> LabelStore:
-    path = Path(cfg.out)
-    if cfg.resume:
-        if not path.exists():
-            raise StoreError(f"--resume: no store at {path} to resume; run without --resume to start one")
-        store = LabelStore.open(path, mode="r+", expect_classes=ds.class_names)
-        old = dict(store.meta)
-        old["decoder"] = DECODER_ALIASES.get(old.get("decoder"), old.get("decoder"))  # 09bd33f's names
-        diff = _meta_mismatch(old, meta)
-        if list(store.array_names) != arrays:
-            diff.append(f"arrays: store has {list(store.array_names)}, this run {arrays}")
-        if list(store.tensor_names) != list(tensors):
-            diff.append(f"tensors: store has {list(store.tensor_names) or 'none'}, this run {list(tensors) or 'none'}")
-        if diff:
-            store.close()
-            raise StoreError(f"cannot resume {path}: it was started with other settings ({'; '.join(diff)})")
-        return store
-    if path.exists() and not cfg.overwrite:
-        raise StoreError(f"{path} already exists: pass --resume to continue it or --overwrite to start over")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return LabelStore.create(path, class_names=ds.class_names, rows=len(ds), arrays=arrays, meta=meta,
-                             overwrite=cfg.overwrite, file_stats=stats, tensors=tensors)
-
-
-def _relabel_changed(store: LabelStore, stats: np.ndarray, skips: _SkipLog, log: Callable[[str], None]) -> None:
-    """A resumed run relabels the rows whose image changed since it was labelled (or skipped): pending again, zero
-    (as a row that was never written), with the new file stats recorded."""
-    changed = store.changed_rows(stats)
-    if changed is None:
-        log(f"note: {store.path} is a version 1 store without file stats: images edited since they were labelled "
-            "are not detected (relabel with --overwrite to be sure)")
-        return
-    changed = changed[store.done[changed] != PENDING]
-    if changed.size == 0:
-        return
-    store.done[changed] = PENDING  # first: a crash from here on leaves them pending, never done with old data
-    store.clear_rows(changed)
-    store.set_file_stats(changed, stats[changed])
-    skips.forget(changed)
-    log(f"note: {changed.size} images changed since they were labelled (size or modification time): relabelling "
-        "them")
-
-
-def _precision(cfg: LabelConfig, device: torch.device) -> str:
-    if cfg.clip_precision == "auto":  # validated in LabelConfig.validate
-        return "bf16" if device.type == "cuda" else "fp32"
-    return cfg.clip_precision
-
-
-def _write_runs(store: LabelStore, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
-    """Write rows (sorted, possibly with gaps left by skipped images) as contiguous runs."""
-    if rows.size == 0:
-        return
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for seg in np.split(np.arange(rows.size), breaks):
-        store.write(int(rows[seg[0]]), {k: v[seg] for k, v in values.items()})
-
-
-class _DeferredWriter:
-    """Store writes one block behind the compute, so on CUDA they overlap the next block's encoder work.
-
-    A block's scores are copied to pinned host buffers asynchronously (on CPU: kept as they are) and written only after
-    the *next* block has been queued, so the device never waits for the store. The same deferral runs on CPU, where
-    the tests exercise it.
-    """
-
-    def __init__(self, store: LabelStore, device: torch.device) -> None:
-        self.store = store
-        self.cuda = device.type == "cuda"
-        self.pending: tuple[np.ndarray, dict[str, torch.Tensor], object] | None = None
-
-    def submit(self, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
-        host, done = values, None  # CPU: the fresh score tensors themselves (nothing overwrites them)
-        if self.cuda:
-            host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
-                    for k, v in values.items()}
-            done = torch.cuda.Event()
-            done.record()
-        previous, self.pending = self.pending, (rows, host, done)
-        self._write(previous)
-
-    def drain(self) -> None:
-        previous, self.pending = self.pending, None
-        self._write(previous)
-
-    def _write(self, item) -> None:
-        if item is None:
-            return
-        rows, host, done = item
-        if done is not None:
-            done.synchronize()
-        _write_runs(self.store, rows, {k: v.numpy() for k, v in host.items()})
-
-
-_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_UNESCAPES = {v: k for k, v in _ESCAPES.items()}
-
-
-def _escape(text: str) -> str:
-    return re.sub(r"[\\\t\n\r]", lambda m: _ESCAPES[m.group()], text)
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\[\\tnr]", lambda m: _UNESCAPES[m.group()], text)
-
-
-class _SkipLog:
-    """Why rows were skipped, in ``<store>.skipped.tsv`` (columns row, id, reason).
-
-    *Which* rows were skipped is the store's done map, written with the same crash safety as the labels; this file
-    only adds the reasons and is rewritten from the done map every time, so a killed run, ``--overwrite`` or a fixed
-    image can never leave it disagreeing with the store. Fields are backslash-escaped (``\\``, ``\t``, ``\n``,
-    ``\r``), so any file name fits one line. Reasons a killed run did not get to write are found again by decoding
-    the file once more.
-    """
-
-    HEADER = "row\tid\treason"
-
-    def __init__(self, store_path: Path, ds: MultiLabelSet, keep_old: bool) -> None:
-        self.path = store_path.with_name(store_path.name + ".skipped.tsv")
-        self.ids, self.paths = ds.ids, ds.paths
-        self.reasons: dict[int, str] = self._read() if keep_old else {}
-
-    def _read(self) -> dict[int, str]:
-        """The reasons of an earlier run; lines that do not parse or name another image are ignored, never fatal."""
-        try:
-            text = self.path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return {}
-        out: dict[int, str] = {}
-        for line in text.split("\n")[1:]:
-            parts = line.split("\t")
-            if len(parts) != 3 or not parts[0].isdigit():
-                continue
-            row = int(parts[0])
-            if row < len(self.ids) and _unescape(parts[1]) == self.ids[row]:
-                out[row] = _unescape(parts[2])
-        return out
-
-    def add(self, row: int, why: str) -> None:
-        self.reasons[int(row)] = why
-
-    def forget(self, rows: np.ndarray) -> None:
-        for r in rows.tolist():
-            self.reasons.pop(r, None)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def save(self, done: np.ndarray) -> int:
-        """Rewrite the log from the done map; returns the number of skipped rows."""
-        rows = np.flatnonzero(np.asarray(done) == SKIPPED).tolist()
-        if not rows:
-            self.remove()
-            return 0
-        for r in rows:
-            if r not in self.reasons:
-                self.reasons[r] = _reason_now(self.paths[r])
-        lines = [self.HEADER] + [f"{r}\t{_escape(self.ids[r])}\t{_escape(self.reasons[r])}" for r in rows]
-        write_text_atomic(self.path, "\n".join(lines) + "\n")
-        return len(rows)
-
-
-def _reason_now(path: Path) -> str:
-    """The reason for a row skipped by a run that was killed before it wrote the log."""
-    try:
-        load_rgb(path)
-    except Exception as exc:  # noqa: BLE001 - the decode policy: a reason, never an exception
-        return failure_reason(path, exc)
-    return "skipped by an earlier run that was killed before recording why (the file decodes with PIL now)"
-
-
-@dataclass
-class LabelResult:
-    """Counts over the whole store (``labelled + skipped == rows`` when complete); ``labelled_now`` by this run."""
-
-    store: Path
-    rows: int
-    labelled: int
-    skipped: int
-    labelled_now: int
-    seconds: float
-    images_per_second: float
-    complete: bool
+__all__ = ["LabelConfig", "LabelResult", "run_label"]
 
 
 def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: MultiLabelSet | None = None,
               clip: ClipModel | None = None) -> LabelResult:
-    """Label ``cfg.dataset`` into the store ``cfg.out``; resumable, interrupt-safe (Ctrl-C closes the store)."""
+    """Label ``cfg.dataset`` into the store ``cfg.out``; resumable, interrupt-safe (Ctrl-C closes the store).
+
+    Under torchrun (WORLD_SIZE > 1), and whenever the parts of an interrupted sharded run exist, every rank labels
+    its own parts and rank 0 merges them (label/shards.py): the same file as one process writes."""
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = _precision(cfg, device)
-    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.root, cfg.split, **cfg.dataset_options)
-    if len(ds) == 0:
-        raise ConfigError(f"dataset {ds.name}/{ds.split} has no images")
-    for note in ds.notes:
-        log(f"note: {note}")
-    if clip is None:
-        clip = load_clip(cfg.clip, cfg.clip_weights, device=device,
-                         precision="fp32" if device.type == "cpu" else precision, seed=cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # fixed algorithms: resumed and uninterrupted runs match bit for bit
-        torch.backends.cudnn.deterministic = True
-    spec = ViewSpec.from_preprocess_cfg(clip.preprocess_cfg, cfg.grid)
-    source = make_view_source(cfg.decoder, ds.paths, spec, device, cfg.batch_size, cfg.workers)
-    arrays = label_arrays(cfg.aggregator, cfg.save)
-    prompts = make_prompts(ds.class_names, cfg.template, cfg.templates, cfg.synonyms)
-    text = encode_classes(clip, ds.class_names, prompts)  # before the store is opened: it can refuse the classes
-    shape = (spec.num_views, int(text.shape[1]))
-    tensors = {EMBEDDINGS: (EMBEDDING_DTYPES[cfg.embedding_dtype], shape)} if cfg.save_embeddings else {}
-    meta = store_meta(cfg, ds, clip, source.name, precision, prompts, shape if cfg.save_embeddings else None)
-    stats = file_stats(ds.paths)
-    skips = _SkipLog(Path(cfg.out), ds, keep_old=cfg.resume)  # read before the store is opened, and never fatal
-    # closed (sealed) on success, Ctrl-C and any error alike, so a store that was clean stays verifiable
-    with _open_store(cfg, ds, arrays, meta, stats, tensors) as store:
-        if cfg.resume:
-            _relabel_changed(store, stats, skips, log)
-        else:
-            skips.remove()  # a new store: reasons of the one it replaces mean nothing
-        scale = clip.logit_scale
-        emb_dtype = torch.float16 if cfg.embedding_dtype == "fp16" else torch.float32
-        blocks = plan_blocks(store.pending_rows(), len(ds), cfg.batch_size)
-        todo = int(sum(b.size for b in blocks))
-        log(f"labelling {todo} of {len(ds)} images of {ds.name}/{ds.split} ({len(ds.class_names)} classes) with "
-            f"{clip.name} on {device} [{source.name} decode, {spec.num_views} views of {spec.image_size}px, "
-            f"{cfg.aggregator} aggregation] -> {cfg.out}")
 
-        from tqdm import tqdm
-
-        bar = tqdm(total=todo, unit="img", disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                                  enabled=device.type == "cuda" and precision != "fp32")
-        t0 = time.perf_counter()
-        done_now = skipped_now = 0
+    with dist_world() as w:
+        say = log if w.is_main else _quiet
+        job = prepare_job(cfg, w, say, dataset, clip)
         previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean close as Ctrl-C
-        writer = _DeferredWriter(store, device)
+        signal.signal(signal.SIGTERM, raise_interrupt)  # `kill` (and torchrun stopping a job) closes stores cleanly
         try:
-            for n, batch in enumerate(source.batches(blocks)):
-                for row, why in batch.failed:
-                    skips.add(row, why)
-                if batch.failed:
-                    _mark_skipped(store, np.array([r for r, _ in batch.failed], dtype=np.int64))
-                if batch.rows.size:
-                    with torch.inference_mode(), autocast:
-                        x = normalize_views(batch.views.to(device, non_blocking=True), spec.mean, spec.std)
-                        feats = clip.encode_image(x).float().view(batch.rows.size, spec.num_views, -1)
-                    emb = normalize_embeddings(feats)
-                    values = score_block(emb, text, scale, cfg.zeta, cfg.lam, cfg.aggregator, arrays, cfg.backend)
-                    if cfg.save_embeddings:
-                        values[EMBEDDINGS] = emb.to(emb_dtype)
-                    writer.submit(batch.rows, values)
-                done_now += int(batch.rows.size)
-                skipped_now += len(batch.failed)
-                bar.update(int(batch.rows.size) + len(batch.failed))
-                if cfg.flush_every and (n + 1) % cfg.flush_every == 0:
-                    writer.drain()
-                    store.flush()
-                    skips.save(store.done)
-            writer.drain()
-        except KeyboardInterrupt:
-            bar.close()
-            writer.drain()  # the last computed block is written, so --resume does not redo it
-            left = int(store.pending_rows().size)
-            skips.save(store.done)
-            log(f"interrupted: the store is consistent, {left} images left; continue with the same command and "
-                "--resume")
-            raise
+            if w.distributed or parts_dir(Path(cfg.out)).is_dir():
+                return run_sharded(job, w, say)
+            return _run_single(job, log)
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet(_: str) -> None:
+    """Ranks other than 0 print nothing (rank 0 speaks for the job; errors are still raised everywhere)."""
+
+
+def _run_single(job: LabelJob, log: Callable[[str], None]) -> LabelResult:
+    cfg, ds = job.cfg, job.ds
+    skips = SkipLog(Path(cfg.out), ds, keep_old=cfg.resume)  # read before the store is opened, and never fatal
+    everything = slice(0, len(ds))
+    # closed (sealed) on success, Ctrl-C and any error alike, so a store that was clean stays verifiable
+    with job.open(Path(cfg.out), cfg.resume, cfg.overwrite, everything) as store:
+        if cfg.resume:
+            relabel_changed(store, job.stats, skips, log)
+        else:
+            skips.remove()  # a new store: reasons of the one it replaces mean nothing
+        todo = int(sum(b.size for b in plan_blocks(store.pending_rows(), len(ds), cfg.batch_size)))
+        log(start_line(job, todo))
+        bar = progress_bar(cfg, todo)
+        t0 = time.perf_counter()
+        try:
+            done_now, skipped_now = job.fill(store, everything, skips, bar)
+        except KeyboardInterrupt:
+            bar.close()
+            log(f"interrupted: the store is consistent, {int(store.pending_rows().size)} images left; continue with "
+                "the same command and --resume")
+            raise
+        finally:
             bar.close()
         seconds = time.perf_counter() - t0
-        complete = store.is_complete
-        labelled = int((store.done == DONE).sum())
-        skipped = skips.save(store.done)
-        if skipped:
-            log(f"skipped {skipped} undecodable images (listed in {skips.path})")
-        _save_config(cfg, Path(cfg.out))
-        return LabelResult(store=Path(cfg.out), rows=len(ds), labelled=labelled, skipped=skipped, labelled_now=done_now,
-                           seconds=seconds, images_per_second=(done_now + skipped_now) / max(seconds, 1e-9),
-                           complete=complete)
+        return finish(job, store, skips, done_now, skipped_now, seconds, log)
 
 
-def _mark_skipped(store: LabelStore, rows: np.ndarray) -> None:
-    """Skipped rows hold zeros (a block redone on resume may have held labels for them before)."""
-    store.clear_rows(rows)
-    store.done[rows] = SKIPPED
-
-
-def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt
-
-
-def _save_config(cfg: LabelConfig, store_path: Path) -> None:
-    """The resolved configuration beside the store (YAML), as timm saves args beside its outputs."""
-    save_yaml_atomic(asdict(cfg), store_path.with_name(store_path.name + ".yaml"))

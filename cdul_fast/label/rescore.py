@@ -254,7 +254,7 @@ def _open_out(cfg: RescoreConfig, src: LabelStore, s: Source, meta: dict) -> Lab
 
 def run_rescore(cfg: RescoreConfig, log: Callable[[str], None] = print) -> RescoreResult:
     """Re-score ``cfg.source``'s embeddings into the new store ``cfg.out``; resumable, interrupt-safe."""
-    from .pipeline import _raise_interrupt, _write_runs
+    from .job import _write_runs, raise_interrupt
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -283,7 +283,7 @@ def run_rescore(cfg: RescoreConfig, log: Callable[[str], None] = print) -> Resco
             bar = tqdm(total=int(todo_rows.size), unit="row", disable=not cfg.progress, file=sys.stderr)
             bias_t = torch.from_numpy(bias).to(device) if bias is not None else None
             previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, _raise_interrupt)
+            signal.signal(signal.SIGTERM, raise_interrupt)
             done_now = 0
             try:
                 for block in blocks:

@@ -1,0 +1,224 @@
+"""Sharded labelling under torchrun: each rank labels whole parts (fixed row ranges) into part stores of its own,
+and rank 0 merges them into the one store a single process writes, byte for byte.
+
+Why part files and not every rank writing its rows of one store: the store's header, done map and checksums are
+one writer's (an exclusive lock, a header sealed on close), done-map bytes of neighbouring rows share a page, and
+``mmap`` writes from several nodes to one file on NFS or Lustre are not coherent. A part file has one writer, so it
+keeps every guarantee of a store (done map, checksums, SIGKILL + ``--resume``), and a rank that dies loses nothing
+another rank wrote.
+
+The parts depend only on the row count and the batch size, never on the number of ranks: at most ``TARGET_PARTS``
+ranges, each a whole number of batches, so every encoder batch holds the same images as in a single-process run and
+``--resume`` works with any number of ranks (one included). Layout: ``<out>.parts/part-<start>-<stop>.cdul`` (+ its
+skip log); the folder is removed once the merged store has replaced ``<out>``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..datasets import MultiLabelSet
+from ..dist import World
+from ..errors import StoreError
+from ..fsutil import fsync_dir
+from ..store.label_store import MAGIC, PENDING, LabelStore
+from .job import LabelJob, LabelResult, SkipLog, finish, progress_bar, relabel_changed, start_line
+
+TARGET_PARTS = 256
+"""Enough parts that ranks finish within about one part of each other (32 GPUs: 8 parts each), few enough that
+the part files and their metadata pages stay negligible next to the labels."""
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def plan_parts(rows: int, batch_size: int) -> list[slice]:
+    """Row ranges of whole batches (the last one shorter), at most ``TARGET_PARTS`` of them."""
+    per = max(1, math.ceil(math.ceil(rows / batch_size) / TARGET_PARTS)) * batch_size
+    return [slice(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
+
+
+def part_path(folder: Path, part: slice) -> Path:
+    return folder / f"part-{part.start:010d}-{part.stop:010d}.cdul"
+
+
+def _part_meta(part: slice) -> dict:
+    return {"part": [part.start, part.stop]}
+
+
+def _subset(ds: MultiLabelSet, part: slice) -> MultiLabelSet:
+    labels = None if ds.labels is None else ds.labels[part]
+    return replace(ds, paths=ds.paths[part], ids=ds.ids[part], labels=labels, notes=())
+
+
+def _is_store(path: Path) -> bool:
+    """False for a part whose creation was cut short (its magic is written last): it is simply made again."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def run_sharded(job: LabelJob, w: World, log: Callable[[str], None]) -> LabelResult:
+    """This rank's parts, then (rank 0) the merge; every rank returns the merged store's counts."""
+    cfg, ds = job.cfg, job.ds
+    out = Path(cfg.out)
+    folder = parts_dir(out)
+    parts = plan_parts(len(ds), cfg.batch_size)
+    state = w.on_main(lambda: _setup(job, folder, parts, log))
+    if state == "complete":
+        return w.on_main(lambda: _result(job, 0, 0, 0.0, log))
+    mine = parts[w.rows_of(len(parts))]
+    todo = w.on_main(lambda: len(ds) - _done_rows(folder, parts))
+    log(start_line(job, todo, w.size) + f" in {len(parts)} parts of {parts[0].stop - parts[0].start} rows "
+        f"({folder})")
+    bar = progress_bar(cfg, sum(p.stop - p.start for p in mine), show=w.is_main)
+    t0 = time.perf_counter()
+    done_now = skipped_now = 0
+    try:
+        for part in mine:
+            d, s = _label_part(job, folder, part, bar)
+            done_now, skipped_now = done_now + d, skipped_now + s
+    except KeyboardInterrupt:
+        bar.close()
+        log(f"interrupted: every part in {folder} is consistent; continue with the same command and --resume (any "
+            "number of processes)")
+        raise
+    finally:
+        bar.close()
+    counts = w.all_gather((done_now, skipped_now))
+    seconds = time.perf_counter() - t0
+    return w.on_main(lambda: _merge(job, folder, parts, log) or _result(
+        job, sum(c[0] for c in counts), sum(c[1] for c in counts), seconds, log))
+
+
+def _setup(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> str:
+    """Rank 0, before any rank writes: "fresh" (a new parts folder), "resume" (parts to continue) or "complete"."""
+    cfg = job.cfg
+    out = Path(cfg.out)
+    if not cfg.resume:
+        if (out.exists() or folder.exists()) and not cfg.overwrite:
+            raise StoreError(f"{out} already exists: pass --resume to continue it or --overwrite to start over")
+        shutil.rmtree(folder, ignore_errors=True)  # the old store itself stays until the merge replaces it
+        folder.mkdir(parents=True)
+        return "fresh"
+    if folder.is_dir():
+        return "resume"
+    if not out.exists():
+        raise StoreError(f"--resume: no store at {out} to resume; run without --resume to start one")
+    return _split(job, folder, parts, log)
+
+
+def _split(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> str:
+    """A store written by one process (or merged before) that still has work, cut into parts so every rank can take
+    some; it stays in place, untouched by the ranks, until the merge replaces it. Built in a temporary folder and
+    renamed, so a crash here leaves either no parts or all of them."""
+    ds, out = job.ds, Path(job.cfg.out)
+    skips = SkipLog(out, ds, keep_old=True)
+    with job.open(out, True, False, slice(0, len(ds))) as store:
+        relabel_changed(store, job.stats, skips, log)
+        if store.pending_rows().size == 0:
+            skips.save(store.done)
+            return "complete"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        stats = store.file_stats
+        for part in parts:
+            path = part_path(tmp, part)
+            with LabelStore.create(path, class_names=ds.class_names, rows=part.stop - part.start, arrays=job.arrays,
+                                   meta={**job.meta, **_part_meta(part)}, file_stats=stats[part],
+                                   tensors=job.tensors) as p:
+                p.write(0, _rows_of(store, job, part))
+                p.done[:] = store.done[part]
+                sub = SkipLog(path, _subset(ds, part), keep_old=False)
+                for row, why in skips.reasons.items():
+                    if part.start <= row < part.stop:
+                        sub.add(row - part.start, why)
+                sub.save(p.done)
+    os.replace(tmp, folder)
+    fsync_dir(folder.parent)
+    log(f"note: split the unfinished {out} into {len(parts)} parts ({folder})")
+    return "resume"
+
+
+def _done_rows(folder: Path, parts: list[slice]) -> int:
+    """Rows the existing parts hold already (labelled or skipped), read before any rank writes."""
+    n = 0
+    for part in parts:
+        path = part_path(folder, part)
+        if path.exists() and _is_store(path):
+            with LabelStore.open(path, mode="r", verify=False) as p:
+                n += int((np.asarray(p.done) != PENDING).sum())
+    return n
+
+
+def _rows_of(store: LabelStore, job: LabelJob, part: slice) -> dict[str, np.ndarray]:
+    return {**{a: store.array(a)[part] for a in job.arrays}, **{t: store.tensor(t)[part] for t in job.tensors}}
+
+
+def _label_part(job: LabelJob, folder: Path, part: slice, bar) -> tuple[int, int]:
+    path = part_path(folder, part)
+    resume = path.exists() and _is_store(path)
+    sub = _subset(job.ds, part)
+    skips = SkipLog(path, sub, keep_old=resume)
+    with job.open(path, resume, True, part, _part_meta(part)) as store:
+        if resume:
+            relabel_changed(store, job.stats[part], skips, lambda _: None)
+        else:
+            skips.remove()
+        bar.update(part.stop - part.start - int(store.pending_rows().size))
+        return job.fill(store, part, skips, bar)
+
+
+def _merge(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> None:
+    """Rank 0: the parts (checksums verified) into a new store beside ``out``, sealed, then renamed over it; the
+    parts folder goes last, so a crash anywhere leaves the old store or the new one, and the parts to merge again."""
+    ds, out = job.ds, Path(job.cfg.out)
+    stores = []
+    try:
+        for part in parts:
+            path = part_path(folder, part)
+            if not path.exists():
+                raise StoreError(f"part {path} is missing: rerun the same command with --resume")
+            p = LabelStore.open(path, mode="r", expect_classes=ds.class_names)
+            stores.append(p)
+            if not p.is_complete or p.rows != part.stop - part.start:
+                raise StoreError(f"part {path} is not finished: rerun the same command with --resume")
+        stats = np.concatenate([p.file_stats for p in stores]) if stores else np.zeros((0, 2), np.int64)
+        tmp = out.with_name(f".{out.name}.merging")
+        with LabelStore.create(tmp, class_names=ds.class_names, rows=len(ds), arrays=job.arrays, meta=job.meta,
+                               overwrite=True, file_stats=stats, tensors=job.tensors) as final:
+            for part, p in zip(parts, stores):
+                final.write(part.start, _rows_of(p, job, slice(0, part.stop - part.start)))
+                final.done[part] = p.done
+        skips = SkipLog(out, ds, keep_old=False)
+        for part, p in zip(parts, stores):
+            for row, why in SkipLog(p.path, _subset(ds, part), keep_old=True).reasons.items():
+                skips.add(part.start + row, why)
+    finally:
+        for p in stores:
+            p.close()
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    with LabelStore.open(out, mode="r") as final:
+        skips.save(final.done)
+    shutil.rmtree(folder)
+    log(f"merged {len(parts)} parts into {out}")
+
+
+def _result(job: LabelJob, done_now: int, skipped_now: int, seconds: float, log: Callable[[str], None]
+            ) -> LabelResult:
+    out = Path(job.cfg.out)
+    with LabelStore.open(out, mode="r") as store:
+        return finish(job, store, SkipLog(out, job.ds, keep_old=True), done_now, skipped_now, seconds, log)
