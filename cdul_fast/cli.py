@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--epochs", type=int, help="training epochs")
     f.add("--warmup", type=int,
           help="epochs before the first latent label update (cdul; role estimates labels from the first batch)")
-    f.add("--batch-size", type=int, help="images per step")
+    f.add("--batch-size", type=int, help="images per step (under torchrun the global batch, split over the processes)")
     f.add("--lr", type=float, help="AdamW learning rate")
     f.add("--weight-decay", type=float, help="AdamW weight decay")
     f.add("--scheduler", choices=SCHEDULERS, help="learning-rate schedule")
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add("--workers", type=int, help="image decode workers")
     f.add("--cache-images", choices=CACHE_MODES, help="keep decoded training images in RAM")
     f.add("--seed", type=int, help="seed (data order, augmentation, initialization)")
+    f.add("--no-sync-bn", action="store_false", key="sync_bn",
+          help="under torchrun: BatchNorm with each process's share of the batch (plain DDP) instead of the global "
+               "batch; the default keeps the run independent of the number of processes")
     f.add("--keep-epochs", action="store_true",
           help="also keep the weights after every epoch (epochs/epoch_NNN.safetensors in the run folder), so "
                "`cdul-fast report` can show class activation maps over epochs (paper Fig. 6)")
@@ -574,6 +577,8 @@ def cmd_train(args: dict) -> int:
     progress = not args.pop("no_progress", False)
     cfg = TrainConfig(**resolve("train", args, args.pop("config", None)), progress=progress and sys.stderr.isatty())
     res = run_train(cfg)
+    if env_rank() != 0:
+        return 0
     last = res.last
     shown = ", ".join(f"{k} {last[k]:.2f}" for k in ("pseudo_map", "test_map") if last.get(k) is not None)
     print(f"{res.out}: {len(res.history) - 1} epochs{', ' + shown if shown else ''} ({res.seconds:.0f}s)")

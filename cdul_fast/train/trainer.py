@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._backend import resolve_device
+from .._backend import has_cuda
 from ..config import (
     BACKENDS,
     CACHE_MODES,
@@ -41,6 +42,8 @@ from ..config import (
     check_number,
 )
 from ..datasets import DEFAULT_SPLITS, MultiLabelSet, load_dataset
+from ..dist import SINGLE, World, rank_device
+from ..dist import world as dist_world
 from ..errors import ConfigError, StoreError, WeightsError
 from ..evaluate import average_precision, mean_ap
 from ..fsutil import atomic_write, file_stats, save_json_atomic, save_yaml_atomic
@@ -51,6 +54,7 @@ from ..views.square import IMAGENET_MEAN, IMAGENET_STD, ImageTensors, cache_fits
 from .checkpoint import load_checkpoint, save_atomic, save_safetensors_atomic
 from .classifier import build_classifier
 from .losses import bce_loss, epr_loss, kl_loss, role_estimates, role_losses, smoothed_bce_loss
+from .sync_bn import sync_batchnorm
 
 CKPT_VERSION = 1
 
@@ -95,6 +99,7 @@ class TrainConfig:
     workers: int | None = None
     cache_images: str = "auto"
     seed: int = 0
+    sync_bn: bool = True
     keep_epochs: bool = False
     resume: bool = False
     overwrite: bool = False
@@ -199,13 +204,20 @@ def _epoch_order(seed: int, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, t
 # --------------------------------------------------------------------------------------------------------- run store
 
 
-def _create_run_store(path: Path, src: LabelStore, array: str, meta: dict, eps: float) -> LabelStore:
-    """init = the source's pseudo labels, latent = logit(clamp(init, eps, 1 - eps)), labels = init."""
+RUN_ARRAYS = ("init", "latent", "labels", "pred")
+
+
+def _initial_arrays(src: LabelStore, array: str, eps: float) -> dict[str, np.ndarray]:
+    """init = the source's pseudo labels, latent = logit(clamp(init, eps, 1 - eps)), labels = init, pred = 0."""
     init = np.array(src.array(array), dtype=np.float32)  # a private copy: the source store is mapped read-only
-    st = LabelStore.create(path, class_names=src.class_names, rows=src.rows,
-                           arrays=["init", "latent", "labels", "pred"], meta=meta, overwrite=True)
     latent = labels_to_latent(torch.from_numpy(init), eps).numpy()
-    st.write(0, {"init": init, "latent": latent, "labels": init, "pred": np.zeros_like(init)})
+    return {"init": init, "latent": latent, "labels": init.copy(), "pred": np.zeros_like(init)}
+
+
+def _create_run_store(path: Path, src: LabelStore, values: dict[str, np.ndarray], meta: dict) -> LabelStore:
+    st = LabelStore.create(path, class_names=src.class_names, rows=src.rows, arrays=list(RUN_ARRAYS), meta=meta,
+                           overwrite=True)
+    st.write(0, values)
     st.flush()
     return st
 
@@ -216,11 +228,14 @@ def _create_run_store(path: Path, src: LabelStore, array: str, meta: dict, eps: 
 class Trainer:
     """One training run; ``run`` executes the remaining epochs (all of them, or those after a checkpoint)."""
 
-    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print, world: World = SINGLE) -> None:
         cfg.validate()
-        self.cfg, self.log = cfg, log
+        self.cfg, self.w = cfg, world
+        self.log = log if world.is_main else _quiet
         self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.device = rank_device(cfg.device, world)
+        if world.distributed:
+            world.on_main(lambda: _check_distributed(cfg, world))  # refused once, printed by rank 0
         torch.manual_seed(cfg.seed)
         with LabelStore.open(cfg.labels, mode="r") as src:
             if not src.is_complete:
@@ -246,6 +261,7 @@ class Trainer:
             self.classes = self.train_ds.class_names
             self.model = build_classifier(cfg.arch, len(self.classes), cfg.pretrained).to(self.device)
             self.model = self.model.to(memory_format=torch.channels_last)
+            self.net = self._wrap(self.model)  # what the training pass runs: DDP under torchrun, the model otherwise
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
                           if cfg.scheduler == "cosine" else None)
@@ -262,15 +278,40 @@ class Trainer:
             if self.rows.size == 0:
                 raise StoreError(f"none of the {labelled} labelled images of {self.train_ds.name}/"
                                  f"{self.train_ds.split} can be decoded now: there is nothing to train on")
+            self.w.barrier()  # every rank has checked the run folder before rank 0 writes to it
             self._prepare_out(src)
-            if ck is None:  # a fresh start: per-epoch weights of an earlier run in this folder are not this run's
+            if ck is None and self.w.is_main:  # a fresh start: per-epoch weights of an earlier run are not this run's
                 shutil.rmtree(self.out / "epochs", ignore_errors=True)
         if ck is not None:
             self._restore_labels(ck)
-        self.expected_pos = float((np.asarray(self.store.array("init"))[self.rows] >= cfg.hard_threshold).sum(1)
+        self.expected_pos = float((np.asarray(self.mat["init"])[self.rows] >= cfg.hard_threshold).sum(1)
                                   .mean()) if self.rows.size else 1.0
 
     # -- setup
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel over the ranks (BatchNorm over the global batch with ``sync_bn``)."""
+        if not self.w.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.cfg.sync_bn:
+            self.model = sync_batchnorm(model, self.device, self.w.group if self.device.type == "cpu" else None)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def _sync_failures(self) -> None:
+        """Images a rank failed to decode, known to every rank: all must agree on the rows they train on."""
+        if not self.w.distributed:
+            return
+        for imgs in (self.train_imgs, self.test_imgs):
+            if imgs is not None:
+                for errs in self.w.all_gather(dict(imgs.errors)):
+                    imgs.errors.update(errs)
+
+    def _flush(self) -> None:
+        if self.store is not None:
+            self.store.flush()
+
     def _note_decode_failures(self) -> None:
         """Images that fail to decode now are left out of training and metrics (never fed as black images): say so
         once per image set, with the first reason."""
@@ -299,11 +340,18 @@ class Trainer:
         return cfg.resume
 
     def _prepare_out(self, src: LabelStore) -> None:
+        """Rank 0 owns the run folder and its store; the other ranks keep the same matrices in memory."""
         cfg = self.cfg
+        values = _initial_arrays(src, cfg.labels_array, cfg.init_eps)
+        self.store: LabelStore | None = None
+        if not self.w.is_main:
+            self.mat = values
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         save_yaml_atomic(asdict(cfg), self.out / "config.yaml")
         meta = {"kind": "cdul-train", "source": str(Path(cfg.labels).resolve()), "array": cfg.labels_array}
-        self.store = _create_run_store(self.out / "labels.cdul", src, cfg.labels_array, meta, cfg.init_eps)
+        self.store = _create_run_store(self.out / "labels.cdul", src, values, meta)
+        self.mat = {a: self.store.array(a) for a in RUN_ARRAYS}
 
     def _load_checkpoint(self) -> dict:
         """Read and check the checkpoint and load model, optimizer, scheduler and RNG from it (nothing on disk is
@@ -336,9 +384,9 @@ class Trainer:
         return ck
 
     def _restore_labels(self, ck: dict) -> None:
-        self.store.array("latent")[:] = ck["latent"].numpy()
-        self.store.array("labels")[:] = ck["labels"].numpy()  # exact bits: recomputing sigmoid could differ by an ulp
-        self.store.flush()
+        self.mat["latent"][:] = ck["latent"].numpy()
+        self.mat["labels"][:] = ck["labels"].numpy()  # exact bits: recomputing sigmoid could differ by an ulp
+        self._flush()
         self.history = ck["history"]
         self.start_epoch = int(ck["epoch"]) + 1
         self.log(f"resumed {self.out} after epoch {ck['epoch']}")
@@ -347,7 +395,7 @@ class Trainer:
     def _targets(self, rows: np.ndarray) -> torch.Tensor:
         cfg = self.cfg
         src = "labels" if cfg.updates_labels else "init"
-        y = torch.from_numpy(np.asarray(self.store.array(src))[rows]).to(self.device)
+        y = torch.from_numpy(np.asarray(self.mat[src])[rows]).to(self.device)
         if cfg.method != "cdul" or cfg.targets == "hard":
             y = (y >= cfg.hard_threshold).float()
         return y
@@ -362,55 +410,104 @@ class Trainer:
             return smoothed_bce_loss(logits, y, self.cfg.smoothing)
         return epr_loss(logits, y, self.expected_pos, self.cfg.epr_weight)
 
-    def _train_epoch(self, epoch: int) -> float:
+    def _train_epoch(self, epoch: int) -> tuple[float, np.ndarray]:
+        """One pass over the training rows; returns the mean loss (over every rank) and the rows this rank trained."""
         from tqdm import tqdm
 
-        cfg = self.cfg
-        self.model.train()
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout etc. depend on (seed, epoch) only, as data order does
+        cfg, w = self.cfg, self.w
+        self.net.train()
+        # dropout etc. depend on (seed, epoch, rank) only, as data order does
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch + w.rank * 1_000_000_007)
         order, gen = _epoch_order(cfg.seed, epoch, self.rows)
-        pred = self.store.array("pred") if cfg.pred_source == "train" else None
+        pred = self.mat["pred"] if cfg.pred_source == "train" else None
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        total, n = 0.0, 0
-        bar = tqdm(total=order.size, unit="img", desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
-                   file=sys.stderr, dynamic_ncols=True, leave=False)
-        for rows, x in self.train_imgs.batches(order, cfg.batch_size):
+        total, n, trained = 0.0, 0, []
+        steps = self._ddp_steps(order, gen) if w.distributed else self._steps(order, gen)
+        bar = tqdm(total=order.size // w.size, unit="img", desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr,
+                   disable=not (cfg.progress and w.is_main), dynamic_ncols=True, leave=False)
+        for rows, x, flips, share in steps:
             x = normalize(x.to(self.device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
-            if cfg.flip:
-                flip = torch.rand(x.shape[0], generator=gen) < 0.5
-                x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
+            if flips is not None:
+                x = torch.where(flips.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
             with autocast:
-                logits = self.model(x)
-            if cfg.method == "role":
+                logits = self.net(x)
+            if rows.size == 0:  # a rank without images in the last batch still joins the gradient all-reduce
+                loss = logits.float().sum() * 0.0
+            elif cfg.method == "role":
                 loss = self._role_step(rows, logits.float())
             else:
                 loss = self._loss(logits.float(), self._targets(rows))
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()
             self.opt.step()
-            if pred is not None:
+            if pred is not None and rows.size:
                 pred[rows] = torch.sigmoid(logits.detach().float()).cpu().numpy()
             total += float(loss.detach()) * len(rows)
             n += len(rows)
+            trained.append(rows)
             bar.update(len(rows))
         bar.close()
+        if w.distributed:
+            sums = w.all_gather((total, n))
+            total, n = sum(t for t, _ in sums), sum(k for _, k in sums)
         if n == 0:
             raise StoreError(f"none of the {order.size} labelled images of {self.train_ds.name}/{self.train_ds.split} "
                              f"could be decoded in epoch {epoch}: there is nothing to train on")
         if self.sched is not None:
             self.sched.step()
+        mine = np.concatenate(trained) if trained else order[:0]
         if cfg.method == "role":
-            self.store.flush()
-        return total / n
+            self._share_rows(mine, ("latent", "labels"))
+        return total / n, mine
+
+    def _steps(self, order: np.ndarray, gen: torch.Generator):
+        """(rows, images, flips, loss share) per batch of one process."""
+        for rows, x in self.train_imgs.batches(order, self.cfg.batch_size):
+            flips = torch.rand(x.shape[0], generator=gen) < 0.5 if self.cfg.flip else None
+            yield rows, x, flips, 1.0
+
+    def _ddp_steps(self, order: np.ndarray, gen: torch.Generator):
+        """This rank's share of every global batch: batch k of one process is order[kB:(k+1)B], and rank r takes
+        its items r, r + W, ... (flips drawn for the whole batch, as one process draws them). Every rank takes the
+        same number of steps (an empty one where the last batch has fewer images than ranks). The loss share
+        W n_r / n makes DDP's mean of the ranks' gradients the gradient of the mean over the global batch."""
+        cfg, w = self.cfg, self.w
+        big = cfg.batch_size
+        batches = [order[k:k + big] for k in range(0, order.size, big)]
+        mine = [b[w.rank::w.size] for b in batches]
+        flat = np.concatenate(mine) if mine else order[:0]
+        decoded = self.train_imgs.batches(flat, big // w.size)
+        ahead = next(decoded, None)
+        empty = torch.zeros((0, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+        for b, rows in zip(batches, mine):
+            flips = torch.rand(b.size, generator=gen)[w.rank::w.size] < 0.5 if cfg.flip else None
+            if ahead is not None and rows.size and int(ahead[0][0]) in set(rows.tolist()):
+                (got, x), ahead = ahead, next(decoded, None)
+                if flips is not None:
+                    flips = flips[torch.from_numpy(np.isin(rows, got))]
+            else:  # none of this rank's images of the batch (or all of them failed to decode)
+                got, x = rows[:0], empty
+                flips = flips[:0] if flips is not None else None
+            yield got, x, flips, w.size * got.size / b.size
+
+    def _share_rows(self, rows: np.ndarray, names: tuple[str, ...]) -> None:
+        """Rows each rank computed, copied into every rank's matrices (and rank 0's store): the one gather per
+        update."""
+        if self.w.distributed:
+            mats = [self.mat[a] for a in names]
+            for got, *vals in self.w.all_gather((rows, *[np.ascontiguousarray(m[rows]) for m in mats])):
+                for m, v in zip(mats, vals):
+                    m[got] = v
+        self._flush()
 
     def _role_step(self, rows: np.ndarray, logits: torch.Tensor) -> torch.Tensor:
         """ROLE's label-estimator step on this batch's rows of theta (the run store's ``latent``): plain SGD, so the
         only state is theta itself (checkpointed); returns the network's loss. The gradient is that of the per-entry
         loss (loss_y summed over the B x C entries), so ``role_lr`` does not depend on batch size or class count."""
         cfg = self.cfg
-        latent, labels = self.store.array("latent"), self.store.array("labels")
+        latent, labels = self.mat["latent"], self.mat["labels"]
         theta = torch.from_numpy(np.asarray(latent[rows])).to(self.device).requires_grad_(True)
-        observed = torch.from_numpy(np.asarray(self.store.array("init"))[rows] >= cfg.hard_threshold).to(self.device)
+        observed = torch.from_numpy(np.asarray(self.mat["init"])[rows] >= cfg.hard_threshold).to(self.device)
         loss_f, loss_y = role_losses(logits, theta, observed, self.expected_pos, cfg.epr_weight)
         (grad,) = torch.autograd.grad(loss_y, theta)
         with torch.no_grad():
@@ -419,27 +516,34 @@ class Trainer:
             labels[rows] = role_estimates(theta, observed).cpu().numpy()
         return loss_f
 
-    def _update_latent(self) -> None:
-        """Eq. 7-8 over the whole matrix at once: the fused kernel streams the memory-mapped arrays in place."""
+    def _update_latent(self, own: np.ndarray | None = None) -> None:
+        """Eq. 7-8: one process updates the whole matrix at once (the fused kernel streams the memory-mapped arrays
+        in place); under torchrun each rank updates the rows it predicted (the step is elementwise) and the rows are
+        gathered once."""
         cfg = self.cfg
-        latent, pred, labels = (self.store.array(a) for a in ("latent", "pred", "labels"))
-        if self.rows.size == latent.shape[0]:
+        latent, pred, labels = (self.mat[a] for a in ("latent", "pred", "labels"))
+        if not self.w.distributed and self.rows.size == latent.shape[0]:
             ops.latent_update_stream(latent, pred, cfg.c1, cfg.sigma, cfg.psi_c2, cfg.label_lr, cfg.psi,
                                      device=self.device, labels_out_np=labels, backend=cfg.backend)
         else:  # rows skipped at labelling time have no prediction: update the trained rows only
-            lat = np.ascontiguousarray(latent[self.rows])
+            own = np.intersect1d(own, self.rows) if self.w.distributed and own is not None else self.rows
+            lat = np.ascontiguousarray(latent[own])
             lab = np.empty_like(lat)
-            ops.latent_update_stream(lat, np.ascontiguousarray(pred[self.rows]), cfg.c1, cfg.sigma, cfg.psi_c2,
+            ops.latent_update_stream(lat, np.ascontiguousarray(pred[own]), cfg.c1, cfg.sigma, cfg.psi_c2,
                                      cfg.label_lr, cfg.psi, device=self.device, labels_out_np=lab,
                                      backend=cfg.backend)
-            latent[self.rows], labels[self.rows] = lat, lab
-        self.store.flush()
+            latent[own], labels[own] = lat, lab
+        self._share_rows(own if self.w.distributed else self.rows[:0], ("latent", "labels", "pred"))
 
-    def _fix_predictions(self, epoch: int) -> None:
+    def _fix_predictions(self, epoch: int) -> np.ndarray:
         """Y_p of eq. 7 from the network as this epoch left it, held fixed (paper 3.2: "when the training is done,
-        we fix the predicted labels"): eval mode, no flips, over the trained rows, into the run store's ``pred``."""
-        self._infer(self.train_imgs, self.rows, self.store.array("pred"), f"predict {epoch}/{self.cfg.epochs}")
+        we fix the predicted labels"): eval mode, no flips, over the trained rows (this rank's share of them), into
+        the run store's ``pred``; returns the rows predicted here."""
+        own = self.rows[self.w.rows_of(self.rows.size)]
+        self._infer(self.train_imgs, own, self.mat["pred"], f"predict {epoch}/{self.cfg.epochs}")
+        self._sync_failures()
         self._drop_undecodable()  # a streamed image that failed now has no prediction: it leaves the update
+        return own
 
     @torch.inference_mode()
     def _infer(self, imgs: ImageTensors, rows: np.ndarray, out: np.ndarray, desc: str) -> None:
@@ -447,8 +551,8 @@ class Trainer:
         from tqdm import tqdm
 
         self.model.eval()
-        bar = tqdm(total=rows.size, unit="img", desc=desc, disable=not self.cfg.progress, file=sys.stderr,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(total=rows.size, unit="img", desc=desc, disable=not (self.cfg.progress and self.w.is_main),
+                   file=sys.stderr, dynamic_ncols=True, leave=False)
         for r, x in imgs.batches(rows, max(self.cfg.batch_size, 64)):
             x = normalize(x.to(self.device), IMAGENET_MEAN, IMAGENET_STD)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -457,20 +561,26 @@ class Trainer:
         bar.close()
 
     def predict(self, imgs: ImageTensors, n: int) -> np.ndarray:
-        """Scores of the first ``n`` images of ``imgs`` (zero rows for images that fail to decode)."""
+        """Scores of the first ``n`` images of ``imgs`` (zero rows for images that fail to decode); under torchrun
+        every rank predicts its share and every rank gets all of them."""
         out = np.zeros((n, len(self.classes)), dtype=np.float32)
-        self._infer(imgs, np.arange(n), out, "predict")
+        mine = np.arange(n)[self.w.rows_of(n)]
+        self._infer(imgs, mine, out, "predict")
+        if self.w.distributed:
+            for rows, vals in self.w.all_gather((mine, out[mine])):
+                out[rows] = vals
+            self._sync_failures()
         return out
 
     def _metrics(self, epoch: int, loss: float, seconds: float) -> dict:
         row: dict = {"epoch": epoch, "train_loss": loss, "seconds": round(seconds, 3)}
-        if self.train_ds.labels is not None and self.rows.size:
-            labels = np.asarray(self.store.array("labels" if self.cfg.moves_labels else "init"))
+        if self.train_ds.labels is not None and self.rows.size and self.w.is_main:
+            labels = np.asarray(self.mat["labels" if self.cfg.moves_labels else "init"])
             row["pseudo_map"] = _map(labels[self.rows], self.train_ds.labels[self.rows])
         if self.test_ds is not None and self.test_imgs is not None:
             scores = self.predict(self.test_imgs, len(self.test_ds))
             ok = np.setdiff1d(np.arange(len(self.test_ds)), self.test_imgs.failed_rows)
-            row["test_map"] = _map(scores[ok], self.test_ds.labels[ok]) if ok.size else None
+            row["test_map"] = _map(scores[ok], self.test_ds.labels[ok]) if ok.size and self.w.is_main else None
         self._note_decode_failures()
         return row
 
@@ -483,8 +593,8 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched is not None else {},
             "rng_cpu": torch.get_rng_state(),
-            "latent": torch.from_numpy(np.array(self.store.array("latent"))),
-            "labels": torch.from_numpy(np.array(self.store.array("labels"))),
+            "latent": torch.from_numpy(np.array(self.mat["latent"])),
+            "labels": torch.from_numpy(np.array(self.mat["labels"])),
             "history": json.dumps(self.history),
         }
         if self.device.type == "cuda":
@@ -492,7 +602,7 @@ class Trainer:
         save_atomic(ck, self.out / "checkpoint.pt")
 
     def run(self) -> TrainResult:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.w.is_main
         t0 = time.perf_counter()
         if self.start_epoch == 1 and not self.history:
             init = self._metrics(0, float("nan"), 0.0)
@@ -500,27 +610,33 @@ class Trainer:
             self.history.append(init)
         updates = (f", latent updates after epoch {cfg.warmup}" if cfg.updates_labels
                    else ", online label estimates" if cfg.method == "role" else "")
+        on = f"{self.w.size} processes ({self.device.type}, DDP)" if self.w.distributed else str(self.device)
         self.log(f"training {cfg.arch} ({cfg.method}{updates}) "
                  f"on {self.rows.size} images of {self.train_ds.name}/{self.train_ds.split}, {len(self.classes)} "
-                 f"classes, {self.device} -> {self.out}")
+                 f"classes, {on} -> {self.out}")
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             te = time.perf_counter()
-            loss = self._train_epoch(epoch)
+            loss, trained = self._train_epoch(epoch)
+            self._sync_failures()
             self._drop_undecodable()
             if cfg.updates_labels and epoch > cfg.warmup:
-                if cfg.pred_source == "eval":
-                    self._fix_predictions(epoch)
-                self._update_latent()
+                own = self._fix_predictions(epoch) if cfg.pred_source == "eval" else trained
+                self._update_latent(own)
+            elif cfg.pred_source == "train":
+                self._share_rows(trained, ("pred",))
             row = self._metrics(epoch, loss, time.perf_counter() - te)
             self.history.append(row)
-            if cfg.keep_epochs:
-                self._save_weights(self.out / "epochs" / f"epoch_{epoch:03d}.safetensors", {"epoch": epoch})
-            self._checkpoint(epoch)
-            self._write_log()
+            if main:  # rank 0 owns the run folder: checkpoints, log and weights are written once, atomically
+                if cfg.keep_epochs:
+                    self._save_weights(self.out / "epochs" / f"epoch_{epoch:03d}.safetensors", {"epoch": epoch})
+                self._checkpoint(epoch)
+                self._write_log()
             self.log(_format_row(row))
-        self._save_model()
-        _plot(self.history, self.out / "curves.png")
-        self.store.close()
+        if main:
+            self._save_model()
+            _plot(self.history, self.out / "curves.png")
+            self.store.close()
+        self.w.barrier()  # no rank leaves (and tears the process group down) before rank 0 has written the model
         return TrainResult(self.out, self.history, time.perf_counter() - t0)
 
     def _write_log(self) -> None:
@@ -552,7 +668,29 @@ class Trainer:
 
 
 def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    return Trainer(cfg, log).run()
+    """Train in this process, or under torchrun as one rank of a DDP job (NCCL on GPUs, gloo on CPUs)."""
+    backend = "nccl" if cfg.device != "cpu" and has_cuda() else "gloo"
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`, or torchrun stopping the job: clean up as Ctrl-C does
+    try:
+        with dist_world(backend) as w:
+            return Trainer(cfg, log, w).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _check_distributed(cfg: TrainConfig, w: World) -> None:
+    if cfg.batch_size % w.size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
+                          f"{w.size} processes (each takes an equal share)")
+
+
+def _quiet(_: str) -> None:
+    """Ranks other than 0 print nothing: rank 0 speaks for the job."""
 
 
 # ------------------------------------------------------------------------------------------------------------ utils
