@@ -5,6 +5,7 @@ weights of one process within a stated tolerance."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -190,7 +191,14 @@ def test_killed_rank_loses_nothing_and_resumes_with_one_process(tmp_path, images
         with LabelStore.open(p, verify=False) as st:
             done.append(int((np.asarray(st.done) != 0).sum()))
     assert sum(done) >= 6 + 3 * 2 - 1  # rank 0's first six parts (one skipped row) and rank 1's 3 writes are kept
-    _ok(_run(0, _label(out, images, "--resume"), tmp_path))
+    other = _run(2, _label(out, images, "--resume", "--zeta", "0.5"), tmp_path)  # other settings: refused, once
+    assert other.returncode != 0 and other.stderr.count("started with other settings") == 1
+    raw = bytearray(parts[0].read_bytes())  # a finished part whose label bytes rot on disk is labelled again
+    offset = struct.unpack_from("<32sIIQQ", raw, 128)[3]  # the first array (docs/store_format.md)
+    raw[offset] ^= 0xFF
+    parts[0].write_bytes(bytes(raw))
+    proc = _ok(_run(0, _label(out, images, "--resume"), tmp_path))
+    assert f"{parts[0].name} cannot be read" in proc.stdout
     _same_store(reference, out)
 
 

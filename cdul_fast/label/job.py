@@ -128,6 +128,20 @@ def _meta_mismatch(old: dict, new: dict) -> list[str]:
             if k not in _NOT_COMPARED and old.get(k) != new.get(k)]
 
 
+def settings_mismatch(store: LabelStore, rows: int, arrays: list[str], meta: dict, tensors: dict) -> list[str]:
+    """How an existing store differs from what this run would write (empty: it may be resumed)."""
+    old = dict(store.meta)
+    old["decoder"] = DECODER_ALIASES.get(old.get("decoder"), old.get("decoder"))  # 09bd33f's names
+    diff = _meta_mismatch(old, meta)
+    if list(store.array_names) != arrays:
+        diff.append(f"arrays: store has {list(store.array_names)}, this run {arrays}")
+    if list(store.tensor_names) != list(tensors):
+        diff.append(f"tensors: store has {list(store.tensor_names) or 'none'}, this run {list(tensors) or 'none'}")
+    if store.rows != rows:
+        diff.append(f"rows: store has {store.rows}, this run {rows}")
+    return diff
+
+
 def _open_store(path: Path, resume: bool, overwrite: bool, class_names: tuple[str, ...], rows: int,
                 arrays: list[str], meta: dict, stats: np.ndarray, tensors: dict) -> LabelStore:
     """A new store, or (``resume``) the existing one after checking it was started with the same settings."""
@@ -135,15 +149,7 @@ def _open_store(path: Path, resume: bool, overwrite: bool, class_names: tuple[st
         if not path.exists():
             raise StoreError(f"--resume: no store at {path} to resume; run without --resume to start one")
         store = LabelStore.open(path, mode="r+", expect_classes=class_names)
-        old = dict(store.meta)
-        old["decoder"] = DECODER_ALIASES.get(old.get("decoder"), old.get("decoder"))  # 09bd33f's names
-        diff = _meta_mismatch(old, meta)
-        if list(store.array_names) != arrays:
-            diff.append(f"arrays: store has {list(store.array_names)}, this run {arrays}")
-        if list(store.tensor_names) != list(tensors):
-            diff.append(f"tensors: store has {list(store.tensor_names) or 'none'}, this run {list(tensors) or 'none'}")
-        if store.rows != rows:
-            diff.append(f"rows: store has {store.rows}, this run {rows}")
+        diff = settings_mismatch(store, rows, arrays, meta, tensors)
         if diff:
             store.close()
             raise StoreError(f"cannot resume {path}: it was started with other settings ({'; '.join(diff)})")

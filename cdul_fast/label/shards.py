@@ -30,7 +30,16 @@ from ..dist import World
 from ..errors import StoreError
 from ..fsutil import fsync_dir
 from ..store.label_store import MAGIC, PENDING, LabelStore
-from .job import LabelJob, LabelResult, SkipLog, finish, progress_bar, relabel_changed, start_line
+from .job import (
+    LabelJob,
+    LabelResult,
+    SkipLog,
+    finish,
+    progress_bar,
+    relabel_changed,
+    settings_mismatch,
+    start_line,
+)
 
 TARGET_PARTS = 256
 """Enough parts that ranks finish within about one part of each other (32 GPUs: 8 parts each), few enough that
@@ -75,11 +84,10 @@ def run_sharded(job: LabelJob, w: World, log: Callable[[str], None]) -> LabelRes
     out = Path(cfg.out)
     folder = parts_dir(out)
     parts = plan_parts(len(ds), cfg.batch_size)
-    state = w.on_main(lambda: _setup(job, folder, parts, log))
+    state, todo = w.on_main(lambda: _setup(job, folder, parts, log))
     if state == "complete":
         return w.on_main(lambda: _result(job, 0, 0, 0.0, log))
     mine = parts[w.rows_of(len(parts))]
-    todo = w.on_main(lambda: len(ds) - _done_rows(folder, parts))
     log(start_line(job, todo, w.size) + f" in {len(parts)} parts of {parts[0].stop - parts[0].start} rows "
         f"({folder})")
     bar = progress_bar(cfg, sum(p.stop - p.start for p in mine), show=w.is_main)
@@ -102,8 +110,8 @@ def run_sharded(job: LabelJob, w: World, log: Callable[[str], None]) -> LabelRes
         job, sum(c[0] for c in counts), sum(c[1] for c in counts), seconds, log))
 
 
-def _setup(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> str:
-    """Rank 0, before any rank writes: "fresh" (a new parts folder), "resume" (parts to continue) or "complete"."""
+def _setup(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> tuple[str, int]:
+    """Rank 0, before any rank writes: ("fresh" | "resume" | "complete", the rows left to label)."""
     cfg = job.cfg
     out = Path(cfg.out)
     if not cfg.resume:
@@ -111,12 +119,13 @@ def _setup(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str],
             raise StoreError(f"{out} already exists: pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(folder, ignore_errors=True)  # the old store itself stays until the merge replaces it
         folder.mkdir(parents=True)
-        return "fresh"
-    if folder.is_dir():
-        return "resume"
-    if not out.exists():
-        raise StoreError(f"--resume: no store at {out} to resume; run without --resume to start one")
-    return _split(job, folder, parts, log)
+        return "fresh", len(job.ds)
+    if not folder.is_dir():
+        if not out.exists():
+            raise StoreError(f"--resume: no store at {out} to resume; run without --resume to start one")
+        if _split(job, folder, parts, log) == "complete":
+            return "complete", 0
+    return "resume", len(job.ds) - _check_parts(job, folder, parts, log)
 
 
 def _split(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> str:
@@ -152,14 +161,36 @@ def _split(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str],
     return "resume"
 
 
-def _done_rows(folder: Path, parts: list[slice]) -> int:
-    """Rows the existing parts hold already (labelled or skipped), read before any rank writes."""
+def _check_parts(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> int:
+    """The parts an earlier run left, before any rank writes: one started with other settings is refused (as a
+    store is), one that cannot be read (cut short, corrupted) is removed and its rows are labelled again. Returns
+    the rows they hold (labelled or skipped)."""
+    known = {part_path(folder, p).name for p in parts}
+    stray = sorted(p.name for p in folder.glob("part-*.cdul") if p.name not in known)
+    if stray:
+        raise StoreError(f"cannot resume {folder}: it holds parts of another row split ({stray[0]}), from a run with "
+                         "another --batch-size or image list; use those settings, or --overwrite")
     n = 0
     for part in parts:
         path = part_path(folder, part)
-        if path.exists() and _is_store(path):
-            with LabelStore.open(path, mode="r", verify=False) as p:
-                n += int((np.asarray(p.done) != PENDING).sum())
+        if not path.exists():
+            continue
+        try:
+            store = LabelStore.open(path, mode="r")
+        except StoreError as exc:
+            if "locked" in str(exc):
+                raise
+            log(f"note: {path.name} cannot be read ({exc}); its rows are labelled again")
+            path.unlink()
+            continue
+        with store:
+            diff = settings_mismatch(store, part.stop - part.start, job.arrays, {**job.meta, **_part_meta(part)},
+                                     job.tensors)
+            if tuple(store.class_names) != tuple(job.ds.class_names):
+                diff.append("class names differ")
+            if diff:
+                raise StoreError(f"cannot resume {path}: it was started with other settings ({'; '.join(diff)})")
+            n += int((np.asarray(store.done) != PENDING).sum())
     return n
 
 
