@@ -1,8 +1,10 @@
 """1 process against 2 under torchrun (gloo, CPU), in one run: `label` (sharded parts + merge) and `train` (DDP).
 
 Three settings of the same job on the same images, each in fresh processes, so the ratios are measured together:
-1 process x 1 thread (the per-process baseline), 1 process x 2 threads (what one process gets from the cores), and
-2 processes x 1 thread (torchrun; OMP_NUM_THREADS=1 as torchrun sets it). Wall time includes process start, the
+1 process on 1 core (the per-process baseline: pinned with sched_setaffinity, 1 thread), 2 processes on 1 core each
+(torchrun, rank r pinned to core r; OMP_NUM_THREADS=1 as torchrun sets it), and 1 process on every core (2 threads,
+unpinned: what one process gets from this machine). Pinning matters: an unpinned process with 1 compute thread still
+decodes on the other core in its worker threads, which hides the scaling. Wall time includes process start, the
 torch import, loading the encoder and, for 2 processes, the rendezvous and the merge: what a user waits for. The
 label store of 2 processes must equal that of 1 process with the same thread count byte for byte.
 
@@ -23,12 +25,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table  # noqa: E402
 
-SETTINGS = (("1 proc x 1 thread", 0, "1"), ("1 proc x 2 threads", 0, "2"), ("2 procs x 1 thread", 2, "1"))
+SETTINGS = (("1 proc, 1 core", 0, "1"), ("1 proc, all cores", 0, "all"), ("2 procs, 1 core each", 2, "1"))
+
+_ENTRY = """
+import os, sys
+if os.environ["BENCH_PIN"] == "1" and hasattr(os, "sched_setaffinity"):  # rank r on core r
+    os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", "0")) % os.cpu_count()})
+from cdul_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
-def _run(nproc: int, threads: str, args: list[str]) -> tuple[float, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
-    entry = ["-m", "cdul_fast", *args]
+def _run(nproc: int, cores: str, args: list[str], entry_file: Path) -> tuple[float, str]:
+    threads = str(os.cpu_count() or 1) if cores == "all" else cores
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE",
+           "BENCH_PIN": "0" if cores == "all" else "1"}
+    entry = [str(entry_file), *args]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *entry]
            if nproc else [sys.executable, *entry])
     t0 = time.perf_counter()
@@ -50,28 +62,30 @@ def main() -> None:
     n, epochs = (64, 1) if args.quick else (args.images, args.epochs)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        entry = Path(tmp) / "entry.py"
+        entry.write_text(_ENTRY)
         root = Path(tmp) / "shapes"
         subprocess.run([sys.executable, "-c", "from cdul_fast.datasets import load_dataset\n"
                         f"load_dataset('shapes', {str(root)!r}, 'train', n={n})"], check=True)
         stores = []
-        for name, nproc, threads in SETTINGS:
+        for name, nproc, cores in SETTINGS:
             out = Path(tmp) / f"l{len(stores)}.cdul"
-            seconds, stdout = _run(nproc, threads, [
+            seconds, stdout = _run(nproc, cores, [
                 "label", "--dataset", "shapes", "--root", str(root), "--dataset-opt", f"n={n}", "--out", str(out),
-                "--batch-size", str(args.batch_size), "--device", "cpu", "--no-progress"])
+                "--batch-size", str(args.batch_size), "--device", "cpu", "--no-progress"], entry)
             stores.append(out)
             rate = re.search(r"([\d.]+) img/s", stdout)
             rows.append({**environment(), "stage": "label", "setting": name, "images": n, "wall_s": round(seconds, 2),
                          "img_s_wall": round(n / seconds, 1), "img_s_loop": float(rate.group(1)) if rate else ""})
         same = stores[2].read_bytes() == stores[0].read_bytes()  # same per-process settings: must be identical
         same_threads = stores[1].read_bytes() == stores[0].read_bytes()  # another thread count: may round apart
-        for name, nproc, threads in SETTINGS:
-            out = Path(tmp) / f"t{nproc}{threads}"
-            seconds, _ = _run(nproc, threads, [
+        for name, nproc, cores in SETTINGS:
+            out = Path(tmp) / f"t{nproc}{cores}"
+            seconds, _ = _run(nproc, cores, [
                 "train", "--labels", str(stores[0]), "--root", str(root), "--dataset-opt", f"n={n}", "--out", str(out),
                 "--test-split", "none", "--arch", "shapesnet", "--image-size", "64", "--epochs", str(epochs),
                 "--warmup", "0", "--batch-size", str(args.batch_size), "--lr", "1e-3", "--device", "cpu",
-                "--no-progress"])
+                "--no-progress"], entry)
             log = (out / "log.csv").read_text().splitlines()[2:]
             per_epoch = sum(float(line.rsplit(",", 1)[1]) for line in log) / max(len(log), 1)
             rows.append({**environment(), "stage": "train", "setting": name, "images": n, "wall_s": round(seconds, 2),
@@ -79,13 +93,13 @@ def main() -> None:
     print_table(rows, ("stage", "setting", "images", "wall_s", "img_s_wall", "img_s_loop"), Path(args.csv))
     for stage in ("label", "train"):
         r = {row["setting"]: row for row in rows if row["stage"] == stage}
-        base, threads, procs = (r[s[0]] for s in SETTINGS)
+        base, whole, procs = (r[s[0]] for s in SETTINGS)
         loop = (f", in the loop x{procs['img_s_loop'] / base['img_s_loop']:.2f}"
                 if base["img_s_loop"] and procs["img_s_loop"] else "")
-        print(f"{stage}: 2 processes vs 1 process x 1 thread: wall x{base['wall_s'] / procs['wall_s']:.2f}{loop}; "
-              f"vs 1 process x 2 threads: wall x{threads['wall_s'] / procs['wall_s']:.2f}")
-    print(f"label store of 2 processes byte-identical to 1 process (1 thread each): {same}; 1 process with 2 threads "
-          f"against 1 thread: {same_threads}")
+        print(f"{stage}: 2 processes (1 core each) vs 1 process on 1 core: wall x{base['wall_s'] / procs['wall_s']:.2f}"
+              f"{loop}; vs 1 process on all cores: wall x{whole['wall_s'] / procs['wall_s']:.2f}")
+    print(f"label store of 2 processes byte-identical to 1 process (1 thread each): {same}; 1 process with "
+          f"{os.cpu_count()} threads against 1 thread: {same_threads}")
     if not same:
         raise SystemExit("the label stores of 1 and 2 processes differ")
 

@@ -28,7 +28,7 @@ from .config import (
     parse_kv,
     resolve,
 )
-from .dist import env_rank
+from .dist import env_rank, env_world_size
 from .errors import CdulError, ConfigError, DependencyError
 from .views.registry import CHOICES as DECODER_CHOICES
 from .views.registry import decoder_help
@@ -38,6 +38,10 @@ SUPPRESS = argparse.SUPPRESS
 # a full disk, a read-only or foreign folder, or a path whose folder is a file (or a folder where a file goes)
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
                  errno.EISDIR}
+
+
+DISTRIBUTED_COMMANDS = ("label", "train")
+"""The commands that split their work over the processes torchrun starts (docs/distributed.md)."""
 
 
 def _csv(value: str) -> list[str]:
@@ -738,6 +742,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[dict], int] = ns.func
     args = {k: v for k, v in vars(ns).items() if k not in ("func", "command", "debug")}
     try:
+        if ns.command not in DISTRIBUTED_COMMANDS and env_world_size() > 1:
+            exc = ConfigError(f"{ns.command} runs in one process (under torchrun only "
+                              f"{' and '.join(DISTRIBUTED_COMMANDS)} are split over processes): start it without "
+                              "torchrun")
+            exc.from_rank0 = env_rank() != 0  # said once, by rank 0
+            raise exc
         return func(args)
     except CdulError as exc:
         if debug:

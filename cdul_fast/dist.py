@@ -155,6 +155,9 @@ def rank_device(name: str, w: World):
 
     from ._backend import has_cuda, resolve_device
 
+    if w.distributed and name.startswith("cuda:"):
+        raise ConfigError(f"--device {name} under torchrun: every process takes cuda:LOCAL_RANK; pass --device cuda "
+                          "(or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if w.distributed and (name == "cuda" or (name == "auto" and has_cuda())):
         if not has_cuda() or w.local_rank >= torch.cuda.device_count():
             raise ConfigError(f"rank {w.rank} wants cuda:{w.local_rank} but torch sees "

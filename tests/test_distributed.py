@@ -290,3 +290,17 @@ def test_batch_not_divisible_by_ranks_is_one_line(tmp_path, train_world):
     ours = [line for line in proc.stderr.splitlines() if line.startswith("cdul-fast train:")]
     assert len(ours) == 1 and "multiple of the 2 processes" in ours[0]
     assert "cdul_fast/" not in proc.stderr  # torchrun reports the failed ranks; no traceback through our code
+
+
+@pytest.mark.parametrize("rank,printed", [("0", 1), ("1", 0)])
+def test_commands_that_do_not_split_refuse_torchrun_once(monkeypatch, capsys, tmp_path, rank, printed):
+    from cdul_fast.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    assert main(["tags", "--labels", str(tmp_path / "x.cdul"), "-o", str(tmp_path / "t.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("runs in one process") == printed and err.count("\n") == printed
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(["label", "--out", str(tmp_path / "y.cdul")]) == 2
+    assert "WORLD_SIZE='two'" in capsys.readouterr().err

@@ -203,19 +203,18 @@ class _DeferredWriter:
     the tests exercise it.
     """
 
-    def __init__(self, store: LabelStore, device: torch.device) -> None:
-        self.store = store
+    def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.pending: tuple[np.ndarray, dict[str, torch.Tensor], object] | None = None
+        self.pending: tuple[LabelStore, np.ndarray, dict[str, torch.Tensor], object] | None = None
 
-    def submit(self, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
+    def submit(self, store: LabelStore, rows: np.ndarray, values: dict[str, torch.Tensor]) -> None:
         host, done = values, None  # CPU: the fresh score tensors themselves (nothing overwrites them)
         if self.cuda:
             host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
                     for k, v in values.items()}
             done = torch.cuda.Event()
             done.record()
-        previous, self.pending = self.pending, (rows, host, done)
+        previous, self.pending = self.pending, (store, rows, host, done)
         self._write(previous)
 
     def drain(self) -> None:
@@ -225,10 +224,10 @@ class _DeferredWriter:
     def _write(self, item) -> None:
         if item is None:
             return
-        rows, host, done = item
+        store, rows, host, done = item
         if done is not None:
             done.synchronize()
-        _write_runs(self.store, rows, {k: v.numpy() for k, v in host.items()})
+        _write_runs(store, rows, {k: v.numpy() for k, v in host.items()})
 
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -347,24 +346,40 @@ class LabelJob:
         return _open_store(path, resume, overwrite, self.ds.class_names, n, self.arrays,
                            {**self.meta, **(extra_meta or {})}, self.stats[rows], self.tensors)
 
-    def fill(self, store: LabelStore, rows: slice, skips: SkipLog, bar) -> tuple[int, int]:
-        """Label the pending rows of ``store``, which holds rows ``rows`` of the collection; returns (labelled,
-        skipped) by this call. The last computed block is written and the skip log saved even when interrupted."""
+    def fill(self, segments: list[Segment], bar) -> tuple[int, int]:
+        """Label the pending rows of every segment's store; returns (labelled, skipped) by this call.
+
+        The segments are consecutive, batch-aligned row ranges (one whole store, or a rank's parts), streamed through
+        one view source, so decode keeps running ahead of the encoder across their boundaries. The last computed
+        block is written and every skip log saved even when interrupted."""
         cfg, spec = self.cfg, self.spec
-        paths = self.ds.paths[rows]
+        base = segments[0].rows.start
+        blocks, owners = [], []
+        for i, seg in enumerate(segments):
+            for block in plan_blocks(seg.store.pending_rows(), seg.rows.stop - seg.rows.start, cfg.batch_size):
+                blocks.append(block + (seg.rows.start - base))
+                owners.append(i)
+        paths = self.ds.paths[base:segments[-1].rows.stop]
         source = make_view_source(cfg.decoder, paths, spec, self.device, cfg.batch_size, cfg.workers)
         emb_dtype = torch.float16 if cfg.embedding_dtype == "fp16" else torch.float32
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16,
                                   enabled=self.device.type == "cuda" and self.precision != "fp32")
-        blocks = plan_blocks(store.pending_rows(), len(paths), cfg.batch_size)
         done_now = skipped_now = 0
-        writer = _DeferredWriter(store, self.device)
+        writer = _DeferredWriter(self.device)
+        current = None
         try:
-            for n, batch in enumerate(source.batches(blocks)):
+            for n, (batch, i) in enumerate(zip(source.batches(blocks), owners)):
+                seg = segments[i]
+                if current is not None and current is not seg:  # a part is finished: make it durable now
+                    writer.drain()
+                    current.store.flush()
+                    current.skips.save(current.store.done)
+                current = seg
+                shift = seg.rows.start - base
                 for row, why in batch.failed:
-                    skips.add(row, why)
+                    seg.skips.add(row - shift, why)
                 if batch.failed:
-                    _mark_skipped(store, np.array([r for r, _ in batch.failed], dtype=np.int64))
+                    _mark_skipped(seg.store, np.array([r - shift for r, _ in batch.failed], dtype=np.int64))
                 if batch.rows.size:
                     with torch.inference_mode(), autocast:
                         x = normalize_views(batch.views.to(self.device, non_blocking=True), spec.mean, spec.std)
@@ -374,18 +389,28 @@ class LabelJob:
                                          self.arrays, cfg.backend)
                     if cfg.save_embeddings:
                         values[EMBEDDINGS] = emb.to(emb_dtype)
-                    writer.submit(batch.rows, values)
+                    writer.submit(seg.store, batch.rows - shift, values)
                 done_now += int(batch.rows.size)
                 skipped_now += len(batch.failed)
                 bar.update(int(batch.rows.size) + len(batch.failed))
                 if cfg.flush_every and (n + 1) % cfg.flush_every == 0:
                     writer.drain()
-                    store.flush()
-                    skips.save(store.done)
+                    seg.store.flush()
+                    seg.skips.save(seg.store.done)
         finally:
             writer.drain()  # also when interrupted: the last computed block is written, so --resume does not redo it
-            skips.save(store.done)
+            for seg in segments:
+                seg.skips.save(seg.store.done)
         return done_now, skipped_now
+
+
+@dataclass
+class Segment:
+    """One store of a labelling run and the rows of the collection it holds, with its skip log."""
+
+    rows: slice
+    store: LabelStore
+    skips: SkipLog
 
 
 def prepare_job(cfg: LabelConfig, w: World, log: Callable[[str], None], dataset: MultiLabelSet | None = None,

@@ -22,6 +22,7 @@ from .job import (
     LabelConfig,
     LabelJob,
     LabelResult,
+    Segment,
     SkipLog,
     finish,
     prepare_job,
@@ -75,7 +76,7 @@ def _run_single(job: LabelJob, log: Callable[[str], None]) -> LabelResult:
         bar = progress_bar(cfg, todo)
         t0 = time.perf_counter()
         try:
-            done_now, skipped_now = job.fill(store, everything, skips, bar)
+            done_now, skipped_now = job.fill([Segment(everything, store, skips)], bar)
         except KeyboardInterrupt:
             bar.close()
             log(f"interrupted: the store is consistent, {int(store.pending_rows().size)} images left; continue with "

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from ..store.label_store import MAGIC, PENDING, LabelStore
 from .job import (
     LabelJob,
     LabelResult,
+    Segment,
     SkipLog,
     finish,
     progress_bar,
@@ -92,11 +94,8 @@ def run_sharded(job: LabelJob, w: World, log: Callable[[str], None]) -> LabelRes
         f"({folder})")
     bar = progress_bar(cfg, sum(p.stop - p.start for p in mine), show=w.is_main)
     t0 = time.perf_counter()
-    done_now = skipped_now = 0
     try:
-        for part in mine:
-            d, s = _label_part(job, folder, part, bar)
-            done_now, skipped_now = done_now + d, skipped_now + s
+        done_now, skipped_now = _label_parts(job, folder, mine, bar)
     except KeyboardInterrupt:
         bar.close()
         log(f"interrupted: every part in {folder} is consistent; continue with the same command and --resume (any "
@@ -198,18 +197,25 @@ def _rows_of(store: LabelStore, job: LabelJob, part: slice) -> dict[str, np.ndar
     return {**{a: store.array(a)[part] for a in job.arrays}, **{t: store.tensor(t)[part] for t in job.tensors}}
 
 
-def _label_part(job: LabelJob, folder: Path, part: slice, bar) -> tuple[int, int]:
-    path = part_path(folder, part)
-    resume = path.exists() and _is_store(path)
-    sub = _subset(job.ds, part)
-    skips = SkipLog(path, sub, keep_old=resume)
-    with job.open(path, resume, True, part, _part_meta(part)) as store:
-        if resume:
-            relabel_changed(store, job.stats[part], skips, lambda _: None)
-        else:
-            skips.remove()
-        bar.update(part.stop - part.start - int(store.pending_rows().size))
-        return job.fill(store, part, skips, bar)
+def _label_parts(job: LabelJob, folder: Path, mine: list[slice], bar) -> tuple[int, int]:
+    """This rank's parts, opened together (new or resumed) and labelled in one stream; all closed (sealed) on
+    success, interrupt or error alike."""
+    if not mine:
+        return 0, 0
+    with ExitStack() as stack:
+        segments = []
+        for part in mine:
+            path = part_path(folder, part)
+            resume = path.exists() and _is_store(path)
+            skips = SkipLog(path, _subset(job.ds, part), keep_old=resume)
+            store = stack.enter_context(job.open(path, resume, True, part, _part_meta(part)))
+            if resume:
+                relabel_changed(store, job.stats[part], skips, lambda _: None)
+            else:
+                skips.remove()
+            bar.update(part.stop - part.start - int(store.pending_rows().size))
+            segments.append(Segment(part, store, skips))
+        return job.fill(segments, bar)
 
 
 def _merge(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> None:
