@@ -79,13 +79,14 @@ def main() -> None:
                          "img_s_wall": round(n / seconds, 1), "img_s_loop": float(rate.group(1)) if rate else ""})
         same = stores[2].read_bytes() == stores[0].read_bytes()  # same per-process settings: must be identical
         same_threads = stores[1].read_bytes() == stores[0].read_bytes()  # another thread count: may round apart
-        for name, nproc, cores in SETTINGS:
-            out = Path(tmp) / f"t{nproc}{cores}"
+        for name, nproc, cores, extra in (*[(*st, []) for st in SETTINGS],
+                                          ("2 procs, 1 core each, --no-sync-bn", 2, "1", ["--no-sync-bn"])):
+            out = Path(tmp) / f"t{nproc}{cores}{len(extra)}"
             seconds, _ = _run(nproc, cores, [
                 "train", "--labels", str(stores[0]), "--root", str(root), "--dataset-opt", f"n={n}", "--out", str(out),
                 "--test-split", "none", "--arch", "shapesnet", "--image-size", "64", "--epochs", str(epochs),
                 "--warmup", "0", "--batch-size", str(args.batch_size), "--lr", "1e-3", "--device", "cpu",
-                "--no-progress"], entry)
+                "--no-progress", *extra], entry)
             log = (out / "log.csv").read_text().splitlines()[2:]
             per_epoch = sum(float(line.rsplit(",", 1)[1]) for line in log) / max(len(log), 1)
             rows.append({**environment(), "stage": "train", "setting": name, "images": n, "wall_s": round(seconds, 2),
@@ -98,6 +99,10 @@ def main() -> None:
                 if base["img_s_loop"] and procs["img_s_loop"] else "")
         print(f"{stage}: 2 processes (1 core each) vs 1 process on 1 core: wall x{base['wall_s'] / procs['wall_s']:.2f}"
               f"{loop}; vs 1 process on all cores: wall x{whole['wall_s'] / procs['wall_s']:.2f}")
+    plain = next(row for row in rows if row["setting"].endswith("--no-sync-bn"))
+    base = next(row for row in rows if row["stage"] == "train" and row["setting"] == SETTINGS[0][0])
+    print(f"train with per-rank BatchNorm (--no-sync-bn): in the loop x{plain['img_s_loop'] / base['img_s_loop']:.2f}"
+          " vs 1 process on 1 core (global BatchNorm costs 2 all-reduces per BatchNorm layer and step)")
     print(f"label store of 2 processes byte-identical to 1 process (1 thread each): {same}; 1 process with "
           f"{os.cpu_count()} threads against 1 thread: {same_threads}")
     if not same:
