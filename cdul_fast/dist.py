@@ -139,6 +139,11 @@ def world(backend: str = "gloo") -> Iterator[World]:
                           "(torchrun --nproc-per-node N -m cdul_fast ...)")
     owned = not tdist.is_initialized()
     if owned:
+        if backend == "nccl":  # NCCL binds each process to its GPU before the group exists
+            import torch
+
+            if int(os.environ["LOCAL_RANK"]) < torch.cuda.device_count():  # else rank_device says why, in one line
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         tdist.init_process_group(backend=backend, timeout=TIMEOUT)
     group = tdist.new_group(backend="gloo", timeout=TIMEOUT) if backend != "gloo" else tdist.group.WORLD
     try:
