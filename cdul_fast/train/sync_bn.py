@@ -3,7 +3,8 @@
 With plain DDP each rank normalizes with the statistics of its own share of the batch: 16 images over 8 GPUs is 2
 per BatchNorm, another model than one process trains. On CUDA torch's ``SyncBatchNorm`` (NCCL) fixes that; it refuses
 CPU tensors, so ``GlobalBatchNorm`` is its CPU twin over gloo (the CI tests and CPU clusters): per-channel sums and
-sums of squares (float64) all-reduced in the forward pass, the two per-channel gradient sums in the backward pass.
+sums of squares (accumulated in float64) all-reduced in the forward pass, the two per-channel gradient sums in the
+backward pass; the activations themselves stay in their own dtype.
 Parameter gradients stay local (DDP averages them like any other); running statistics are updated from the global
 batch on every rank, so they stay equal without a broadcast.
 """
@@ -21,16 +22,15 @@ class _GlobalBN(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps: float, group):
         c = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        xd = x.double()
         count = torch.tensor([x.numel() // max(c, 1)], dtype=torch.float64)
-        stats = torch.cat([xd.sum(dims), (xd * xd).sum(dims), count])
+        stats = torch.cat([x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64), count])
         tdist.all_reduce(stats, group=group)
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
         invstd = torch.rsqrt(var + eps)
         shape = (1, c) + (1,) * (x.dim() - 2)
-        xhat = ((xd - mean.view(shape)) * invstd.view(shape)).to(x.dtype)
+        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)  # the activations stay in x's dtype
         ctx.save_for_backward(xhat, invstd.to(x.dtype), weight)
         ctx.group, ctx.n, ctx.shape, ctx.dims = group, n, shape, dims
         y = xhat * weight.view(shape) + bias.view(shape)
