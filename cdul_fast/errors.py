@@ -21,6 +21,10 @@ class StoreError(CdulError):
     """A label store that is missing, torn, corrupted, locked or does not match the run."""
 
 
+class StoreLockedError(StoreError):
+    """A label store another process holds open (its advisory lock is taken)."""
+
+
 class WeightsError(CdulError):
     """Model weights that are missing (e.g. offline), unreadable or do not fit the model."""
 

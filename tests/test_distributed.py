@@ -304,3 +304,48 @@ def test_commands_that_do_not_split_refuse_torchrun_once(monkeypatch, capsys, tm
     monkeypatch.setenv("WORLD_SIZE", "two")
     assert main(["label", "--out", str(tmp_path / "y.cdul")]) == 2
     assert "WORLD_SIZE='two'" in capsys.readouterr().err
+
+
+def test_a_decoder_that_cannot_start_leaves_no_store(tmp_path, images, monkeypatch):
+    import cdul_fast.label.job as job
+    from cdul_fast.cli import main
+    from cdul_fast.errors import ConfigError
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("this decoder cannot start here")
+
+    monkeypatch.setattr(job, "make_view_source", refuse)
+    out = tmp_path / "never.cdul"
+    assert main(_label(out, images)) == 2
+    assert not out.exists() and not Path(str(out) + ".parts").exists()  # the advised rerun is not blocked
+
+
+def test_overwrite_refuses_a_store_another_process_holds(tmp_path, images, reference):
+    out = tmp_path / "held.cdul"
+    out.write_bytes(reference.read_bytes())
+    with LabelStore.open(out):  # a reader (eval, train) has it open
+        proc = _run(2, _label(out, images, "--overwrite"), tmp_path)
+    assert proc.returncode != 0 and proc.stderr.count("locked by another process") == 1
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_version_1_store_resumed_by_two_ranks(tmp_path, images, reference):
+    """A store without file stats (written before format version 2) is split and merged without them, as one
+    process resumes it."""
+    v1 = {}
+    for name in ("one", "two"):
+        path = tmp_path / f"{name}.cdul"
+        with LabelStore.open(reference) as src, LabelStore.create(
+                path, class_names=src.class_names, rows=src.rows, arrays=list(src.array_names), meta=dict(src.meta),
+                tensors={t: ("float16", src.tensor(t).shape[1:]) for t in src.tensor_names}) as st:
+            st.write(0, {**{a: src.array(a) for a in src.array_names},
+                         **{t: src.tensor(t) for t in src.tensor_names}})
+            st.done[:] = src.done
+            st.done[9:] = 0  # rows 9.. were never labelled
+            st.clear_rows(np.arange(9, st.rows))
+        v1[name] = path
+    _ok(_run(0, _label(v1["one"], images, "--resume"), tmp_path))
+    _ok(_run(2, _label(v1["two"], images, "--resume"), tmp_path))
+    assert v1["two"].read_bytes() == v1["one"].read_bytes()
+    with LabelStore.open(v1["two"]) as st:
+        assert st.file_stats is None and st.is_complete

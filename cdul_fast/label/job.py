@@ -3,6 +3,7 @@ opening and resume checks, the labelling loop over a store's pending rows, the s
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from collections.abc import Callable
@@ -23,8 +24,8 @@ from ..store.label_store import DONE, PENDING, SKIPPED, LabelStore
 from ..views.decode import failure_reason, load_rgb
 from ..views.geometry import ViewSpec, normalize_views
 from ..views.registry import ALIASES as DECODER_ALIASES
-from ..views.registry import make_view_source, resolve_decoder
-from ..views.source import plan_blocks
+from ..views.registry import make_view_source
+from ..views.source import ViewSource, plan_blocks
 from .scoring import EMBEDDING_DTYPES, EMBEDDINGS, label_arrays, normalize_embeddings, score_block
 
 MAX_GRID = 16
@@ -333,6 +334,7 @@ class LabelJob:
     device: torch.device
     precision: str
     spec: ViewSpec
+    source: ViewSource
     arrays: list[str]
     text: torch.Tensor
     tensors: dict
@@ -353,14 +355,11 @@ class LabelJob:
         one view source, so decode keeps running ahead of the encoder across their boundaries. The last computed
         block is written and every skip log saved even when interrupted."""
         cfg, spec = self.cfg, self.spec
-        base = segments[0].rows.start
         blocks, owners = [], []
         for i, seg in enumerate(segments):
             for block in plan_blocks(seg.store.pending_rows(), seg.rows.stop - seg.rows.start, cfg.batch_size):
-                blocks.append(block + (seg.rows.start - base))
+                blocks.append(block + seg.rows.start)  # rows of the collection: the source reads all its paths
                 owners.append(i)
-        paths = self.ds.paths[base:segments[-1].rows.stop]
-        source = make_view_source(cfg.decoder, paths, spec, self.device, cfg.batch_size, cfg.workers)
         emb_dtype = torch.float16 if cfg.embedding_dtype == "fp16" else torch.float32
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16,
                                   enabled=self.device.type == "cuda" and self.precision != "fp32")
@@ -368,14 +367,14 @@ class LabelJob:
         writer = _DeferredWriter(self.device)
         current = None
         try:
-            for n, (batch, i) in enumerate(zip(source.batches(blocks), owners)):
+            for n, (batch, i) in enumerate(zip(self.source.batches(blocks), owners)):
                 seg = segments[i]
                 if current is not None and current is not seg:  # a part is finished: make it durable now
                     writer.drain()
                     current.store.flush()
                     current.skips.save(current.store.done)
                 current = seg
-                shift = seg.rows.start - base
+                shift = seg.rows.start
                 for row, why in batch.failed:
                     seg.skips.add(row - shift, why)
                 if batch.failed:
@@ -397,8 +396,15 @@ class LabelJob:
                     writer.drain()
                     seg.store.flush()
                     seg.skips.save(seg.store.done)
+            writer.drain()
+        except KeyboardInterrupt:
+            writer.drain()  # the last computed block is written, so --resume does not redo it
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort: the error that stopped the loop is the one to report
+                writer.drain()
+            raise
         finally:
-            writer.drain()  # also when interrupted: the last computed block is written, so --resume does not redo it
             for seg in segments:
                 seg.skips.save(seg.store.done)
         return done_now, skipped_now
@@ -436,9 +442,11 @@ def prepare_job(cfg: LabelConfig, w: World, log: Callable[[str], None], dataset:
     text = encode_classes(clip, ds.class_names, prompts)  # before the store is opened: it can refuse the classes
     shape = (spec.num_views, int(text.shape[1]))
     tensors = {EMBEDDINGS: (EMBEDDING_DTYPES[cfg.embedding_dtype], shape)} if cfg.save_embeddings else {}
-    decoder = resolve_decoder(cfg.decoder, device)
-    meta = store_meta(cfg, ds, clip, decoder, precision, prompts, shape if cfg.save_embeddings else None)
-    return LabelJob(cfg, ds, clip, device, precision, spec, arrays, text, tensors, meta, file_stats(ds.paths))
+    # the decoder is set up before any store exists: one it refuses leaves nothing behind to block the rerun
+    source = make_view_source(cfg.decoder, ds.paths, spec, device, cfg.batch_size, cfg.workers)
+    meta = store_meta(cfg, ds, clip, source.name, precision, prompts, shape if cfg.save_embeddings else None)
+    return LabelJob(cfg, ds, clip, device, precision, spec, source, arrays, text, tensors, meta,
+                    file_stats(ds.paths))
 
 
 def progress_bar(cfg: LabelConfig, total: int, show: bool = True):

@@ -28,9 +28,9 @@ import numpy as np
 
 from ..datasets import MultiLabelSet
 from ..dist import World
-from ..errors import StoreError
+from ..errors import StoreError, StoreLockedError
 from ..fsutil import fsync_dir
-from ..store.label_store import MAGIC, PENDING, LabelStore
+from ..store.label_store import MAGIC, PENDING, LabelStore, check_unlocked
 from .job import (
     LabelJob,
     LabelResult,
@@ -113,6 +113,8 @@ def _setup(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str],
     """Rank 0, before any rank writes: ("fresh" | "resume" | "complete", the rows left to label)."""
     cfg = job.cfg
     out = Path(cfg.out)
+    _refuse_running(out, folder)
+    shutil.rmtree(_tmp_dir(folder), ignore_errors=True)  # a split cut short: its parts were never used
     if not cfg.resume:
         if (out.exists() or folder.exists()) and not cfg.overwrite:
             raise StoreError(f"{out} already exists: pass --resume to continue it or --overwrite to start over")
@@ -127,6 +129,17 @@ def _setup(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str],
     return "resume", len(job.ds) - _check_parts(job, folder, parts, log)
 
 
+def _tmp_dir(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".tmp")
+
+
+def _refuse_running(out: Path, folder: Path) -> None:
+    """A store or part another process is writing (a job still running on the same --out) is never replaced or
+    removed: one line instead."""
+    for path in (out, *sorted(folder.glob("part-*.cdul"))):
+        check_unlocked(path)
+
+
 def _split(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> str:
     """A store written by one process (or merged before) that still has work, cut into parts so every rank can take
     some; it stays in place, untouched by the ranks, until the merge replaces it. Built in a temporary folder and
@@ -138,15 +151,14 @@ def _split(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str],
         if store.pending_rows().size == 0:
             skips.save(store.done)
             return "complete"
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = _tmp_dir(folder)
         tmp.mkdir(parents=True)
-        stats = store.file_stats
+        stats = store.file_stats  # None for a version 1 store: its parts have none either, nor will the merge
         for part in parts:
             path = part_path(tmp, part)
             with LabelStore.create(path, class_names=ds.class_names, rows=part.stop - part.start, arrays=job.arrays,
-                                   meta={**job.meta, **_part_meta(part)}, file_stats=stats[part],
-                                   tensors=job.tensors) as p:
+                                   meta={**job.meta, **_part_meta(part)},
+                                   file_stats=None if stats is None else stats[part], tensors=job.tensors) as p:
                 p.write(0, _rows_of(store, job, part))
                 p.done[:] = store.done[part]
                 sub = SkipLog(path, _subset(ds, part), keep_old=False)
@@ -176,9 +188,9 @@ def _check_parts(job: LabelJob, folder: Path, parts: list[slice], log: Callable[
             continue
         try:
             store = LabelStore.open(path, mode="r")
+        except StoreLockedError:
+            raise
         except StoreError as exc:
-            if "locked" in str(exc):
-                raise
             log(f"note: {path.name} cannot be read ({exc}); its rows are labelled again")
             path.unlink()
             continue
@@ -232,7 +244,9 @@ def _merge(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str],
             stores.append(p)
             if not p.is_complete or p.rows != part.stop - part.start:
                 raise StoreError(f"part {path} is not finished: rerun the same command with --resume")
-        stats = np.concatenate([p.file_stats for p in stores]) if stores else np.zeros((0, 2), np.int64)
+        # a version 1 store split into parts has no file stats (docs/store_format.md): neither has the merge
+        stats = (None if any(p.file_stats is None for p in stores)
+                 else np.concatenate([p.file_stats for p in stores]))
         tmp = out.with_name(f".{out.name}.merging")
         with LabelStore.create(tmp, class_names=ds.class_names, rows=len(ds), arrays=job.arrays, meta=job.meta,
                                overwrite=True, file_stats=stats, tensors=job.tensors) as final:
@@ -246,6 +260,7 @@ def _merge(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str],
     finally:
         for p in stores:
             p.close()
+    check_unlocked(out)  # a process that opened --out meanwhile keeps its file: refuse rather than replace it
     os.replace(tmp, out)
     fsync_dir(out.parent)
     with LabelStore.open(out, mode="r") as final:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .._backend import store_ext
-from ..errors import StoreError
+from ..errors import StoreError, StoreLockedError
 from ..fsutil import fsync_dir
 
 MAGIC = b"CDULSTOR"
@@ -83,7 +83,21 @@ def _flock(fd: int, exclusive: bool, path: Path) -> None:
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise StoreError(_locked_msg(path)) from None
+        raise StoreLockedError(_locked_msg(path)) from None
+
+
+def check_unlocked(path: str | Path) -> None:
+    """Raise StoreLockedError when another process holds ``path`` open as a store (nothing happens otherwise, and
+    nothing when it does not exist): for replacing or removing a store without taking it from a running job."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        _flock(fd, True, path)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 @dataclass
@@ -270,7 +284,7 @@ class _ExtMapping:
         try:
             self._mf = ext.MappedFile(str(path), writable, True)
         except ext.LockedError:
-            raise StoreError(_locked_msg(path)) from None
+            raise StoreLockedError(_locked_msg(path)) from None
         except RuntimeError as exc:  # "cannot open <path>: <reason>" and the like
             raise StoreError(f"label store: {exc}") from exc
         self.size, self.writable = self._mf.size, writable

@@ -308,6 +308,15 @@ class Trainer:
                 for errs in self.w.all_gather(dict(imgs.errors)):
                     imgs.errors.update(errs)
 
+    def _same_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics on every rank before predicting: with per-rank BatchNorm (--no-sync-bn) DDP
+        broadcasts them only before a training forward pass, so after an epoch each rank holds its own."""
+        if self.w.distributed and not self.cfg.sync_bn:
+            import torch.distributed as tdist
+
+            for buf in self.model.buffers():
+                tdist.broadcast(buf, src=0)
+
     def _flush(self) -> None:
         if self.store is not None:
             self.store.flush()
@@ -470,7 +479,10 @@ class Trainer:
         """This rank's share of every global batch: batch k of one process is order[kB:(k+1)B], and rank r takes
         its items r, r + W, ... (flips drawn for the whole batch, as one process draws them). Every rank takes the
         same number of steps (an empty one where the last batch has fewer images than ranks). The loss share
-        W n_r / n makes DDP's mean of the ranks' gradients the gradient of the mean over the global batch."""
+        W n_r / n makes DDP's mean of the ranks' gradients the gradient of the mean over the global batch, for the
+        losses that are means over images (cdul, an, ls); EPR's and ROLE's expected-positive term is a function of
+        the batch mean, which each rank takes over its share. n counts the batch's planned images: a streamed image
+        that fails to decode in this epoch leaves its rank's share a little light (cached images never do)."""
         cfg, w = self.cfg, self.w
         big = cfg.batch_size
         batches = [order[k:k + big] for k in range(0, order.size, big)]
@@ -550,6 +562,7 @@ class Trainer:
         """Sigmoid outputs of the network in eval mode for ``rows`` (decodable ones) into ``out[rows]``."""
         from tqdm import tqdm
 
+        self._same_buffers()
         self.model.eval()
         bar = tqdm(total=rows.size, unit="img", desc=desc, disable=not (self.cfg.progress and self.w.is_main),
                    file=sys.stderr, dynamic_ncols=True, leave=False)
