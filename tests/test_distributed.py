@@ -349,3 +349,30 @@ def test_version_1_store_resumed_by_two_ranks(tmp_path, images, reference):
     assert v1["two"].read_bytes() == v1["one"].read_bytes()
     with LabelStore.open(v1["two"]) as st:
         assert st.file_stats is None and st.is_complete
+
+
+_FULL_DISK = """
+import errno, os, sys
+import cdul_fast.train.trainer as T
+def full(obj, path):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+if os.environ.get("RANK") == "0":
+    T.save_atomic = full
+from cdul_fast.cli import main
+rc = main(sys.argv[1:])
+open(os.environ["MARKER"] + os.environ["RANK"], "w").write(str(rc))
+sys.exit(rc)
+"""
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_in_one_line(tmp_path, train_world):
+    script = tmp_path / "full.py"
+    script.write_text(_FULL_DISK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           *_train(train_world, tmp_path / "full", "--epochs", "2")]
+    marker = tmp_path / "rc"
+    proc = subprocess.run(cmd, env={**ENV, "MARKER": str(marker)}, capture_output=True, text=True, timeout=300)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("cdul-fast train:")]
+    assert proc.returncode != 0 and len(ours) == 1 and "No space left" in ours[0], proc.stderr[-2000:]
+    # rank 1 learnt of it and ended with code 2 itself (left waiting, torchrun's SIGTERM would have made it 130)
+    assert Path(str(marker) + "1").read_text() == "2"

@@ -16,6 +16,7 @@ after each epoch, for `cdul-fast report`'s CAMs over epochs, the paper's Fig. 6)
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import shutil
@@ -615,7 +616,7 @@ class Trainer:
         save_atomic(ck, self.out / "checkpoint.pt")
 
     def run(self) -> TrainResult:
-        cfg, main = self.cfg, self.w.is_main
+        cfg = self.cfg
         t0 = time.perf_counter()
         if self.start_epoch == 1 and not self.history:
             init = self._metrics(0, float("nan"), 0.0)
@@ -639,18 +640,23 @@ class Trainer:
                 self._share_rows(trained, ("pred",))
             row = self._metrics(epoch, loss, time.perf_counter() - te)
             self.history.append(row)
-            if main:  # rank 0 owns the run folder: checkpoints, log and weights are written once, atomically
-                if cfg.keep_epochs:
-                    self._save_weights(self.out / "epochs" / f"epoch_{epoch:03d}.safetensors", {"epoch": epoch})
-                self._checkpoint(epoch)
-                self._write_log()
+            # rank 0 owns the run folder: checkpoints, log and weights are written once, atomically; a failure there
+            # (a full disk) stops every rank, not rank 0 alone
+            self.w.on_main(functools.partial(self._save_epoch, epoch))
             self.log(_format_row(row))
-        if main:
-            self._save_model()
-            _plot(self.history, self.out / "curves.png")
-            self.store.close()
-        self.w.barrier()  # no rank leaves (and tears the process group down) before rank 0 has written the model
+        self.w.on_main(self._finish)  # no rank leaves (and tears the group down) before rank 0 wrote the model
         return TrainResult(self.out, self.history, time.perf_counter() - t0)
+
+    def _save_epoch(self, epoch: int) -> None:
+        if self.cfg.keep_epochs:
+            self._save_weights(self.out / "epochs" / f"epoch_{epoch:03d}.safetensors", {"epoch": epoch})
+        self._checkpoint(epoch)
+        self._write_log()
+
+    def _finish(self) -> None:
+        self._save_model()
+        _plot(self.history, self.out / "curves.png")
+        self.store.close()
 
     def _write_log(self) -> None:
         keys = ["epoch", "train_loss", "pseudo_map", "test_map", "seconds"]
