@@ -485,3 +485,18 @@ def test_training_when_no_labelled_image_decodes_is_refused(world, tmp_path, mon
         tr.run()
     if cache == "yes":
         assert not (tmp_path / "run").exists()
+
+
+def test_a_single_image_left_over_joins_the_batch_before_it(world, tmp_path):
+    """96 images in batches of 5 leave 1: with a 1 x 1 feature map BatchNorm cannot train on it alone (this crashed
+    with an internal error); it joins the batch before, for one process and for DDP's global batches alike."""
+    from cdul_fast.train.trainer import _split_batches
+
+    for n, b in ((0, 8), (1, 8), (8, 8), (9, 8), (10, 8), (17, 8), (89, 8)):
+        head, last = _split_batches(np.arange(n), b)
+        assert np.array_equal(np.concatenate([head, last]), np.arange(n)) and head.size % b == 0
+        assert last.size != 1 or n == 1
+        assert last.size <= b + 1
+    res = run_train(_cfg(world, tmp_path / "r", arch="clipres", batch_size=5, epochs=1, warmup=0, test_split="none"),
+                    log=lambda s: None)
+    assert np.isfinite(res.last["train_loss"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import itertools
 import json
 import math
 import shutil
@@ -279,6 +280,9 @@ class Trainer:
             if self.rows.size == 0:
                 raise StoreError(f"none of the {labelled} labelled images of {self.train_ds.name}/"
                                  f"{self.train_ds.split} can be decoded now: there is nothing to train on")
+            if self.rows.size == 1:
+                raise StoreError(f"only 1 image of {self.train_ds.name}/{self.train_ds.split} is labelled and "
+                                 "decodable: training needs at least 2 (BatchNorm cannot learn from one)")
             self.w.barrier()  # every rank has checked the run folder before rank 0 writes to it
             self._prepare_out(src)
             if ck is None and self.w.is_main:  # a fresh start: per-epoch weights of an earlier run are not this run's
@@ -472,7 +476,9 @@ class Trainer:
 
     def _steps(self, order: np.ndarray, gen: torch.Generator):
         """(rows, images, flips, loss share) per batch of one process."""
-        for rows, x in self.train_imgs.batches(order, self.cfg.batch_size):
+        head, last = _split_batches(order, self.cfg.batch_size)
+        for rows, x in itertools.chain(self.train_imgs.batches(head, self.cfg.batch_size),
+                                       self.train_imgs.batches(last, max(1, last.size))):
             flips = torch.rand(x.shape[0], generator=gen) < 0.5 if self.cfg.flip else None
             yield rows, x, flips, 1.0
 
@@ -486,10 +492,13 @@ class Trainer:
         that fails to decode in this epoch leaves its rank's share a little light (cached images never do)."""
         cfg, w = self.cfg, self.w
         big = cfg.batch_size
-        batches = [order[k:k + big] for k in range(0, order.size, big)]
+        head, last = _split_batches(order, big)
+        batches = [head[k:k + big] for k in range(0, head.size, big)] + ([last] if last.size else [])
         mine = [b[w.rank::w.size] for b in batches]
-        flat = np.concatenate(mine) if mine else order[:0]
-        decoded = self.train_imgs.batches(flat, big // w.size)
+        flat = np.concatenate(mine[:-1]) if len(mine) > 1 else order[:0]
+        tail = mine[-1] if mine else order[:0]
+        decoded = itertools.chain(self.train_imgs.batches(flat, big // w.size),
+                                  self.train_imgs.batches(tail, max(1, tail.size)))
         ahead = next(decoded, None)
         empty = torch.zeros((0, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
         for b, rows in zip(batches, mine):
@@ -700,6 +709,16 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResu
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt
+
+
+def _split_batches(order: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(whole batches, the last batch): a single image left over joins the batch before it, since BatchNorm cannot
+    train on one image whose feature map is 1 x 1 (and a one-image batch is a noisy step anyway)."""
+    n = order.size
+    cut = n - (n % batch_size or batch_size)
+    if n % batch_size == 1 and n > batch_size:
+        cut -= batch_size
+    return order[:max(cut, 0)], order[max(cut, 0):]
 
 
 def _check_distributed(cfg: TrainConfig, w: World) -> None:
