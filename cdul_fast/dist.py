@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
-import numpy as np
-
 from . import errors
 from .errors import ConfigError
 
@@ -42,6 +40,10 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+    def main_log(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """``log`` on rank 0, silence elsewhere: rank 0 speaks for the job (errors are still raised everywhere)."""
+        return log if self.is_main else _silent
 
     def barrier(self) -> None:
         if self.distributed:
@@ -99,6 +101,10 @@ class World:
 
 
 SINGLE = World()
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def env_world_size() -> int:
@@ -172,8 +178,3 @@ def rank_device(name: str, w: World):
         return torch.device("cuda", w.local_rank)
     return resolve_device(name)
 
-
-def concat_rows(parts: list[np.ndarray], like: np.ndarray) -> np.ndarray:
-    """Gathered row blocks as one array (an empty one shaped like ``like`` when every block is empty)."""
-    parts = [p for p in parts if len(p)]
-    return np.concatenate(parts) if parts else like[:0].copy()

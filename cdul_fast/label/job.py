@@ -483,10 +483,6 @@ def _mark_skipped(store: LabelStore, rows: np.ndarray) -> None:
     store.done[rows] = SKIPPED
 
 
-def raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt
-
-
 def _save_config(cfg: LabelConfig, store_path: Path) -> None:
     """The resolved configuration beside the store (YAML), as timm saves args beside its outputs."""
     save_yaml_atomic(asdict(cfg), store_path.with_name(store_path.name + ".yaml"))

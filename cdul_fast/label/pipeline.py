@@ -9,7 +9,6 @@ batches an uninterrupted run computes and ends with a byte-identical file.
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from ..clip.loader import ClipModel
 from ..datasets import MultiLabelSet
 from ..dist import world as dist_world
+from ..fsutil import sigterm_interrupts
 from ..views.source import plan_blocks
 from .job import (
     LabelConfig,
@@ -27,7 +27,6 @@ from .job import (
     finish,
     prepare_job,
     progress_bar,
-    raise_interrupt,
     relabel_changed,
     start_line,
 )
@@ -45,20 +44,12 @@ def run_label(cfg: LabelConfig, log: Callable[[str], None] = print, dataset: Mul
     cfg.validate()
 
     with dist_world() as w:
-        say = log if w.is_main else _quiet
+        say = w.main_log(log)
         job = prepare_job(cfg, w, say, dataset, clip)
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, raise_interrupt)  # `kill` (and torchrun stopping a job) closes stores cleanly
-        try:
+        with sigterm_interrupts():
             if w.distributed or parts_dir(Path(cfg.out)).is_dir():
                 return run_sharded(job, w, say)
             return _run_single(job, log)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _quiet(_: str) -> None:
-    """Ranks other than 0 print nothing (rank 0 speaks for the job; errors are still raised everywhere)."""
 
 
 def _run_single(job: LabelJob, log: Callable[[str], None]) -> LabelResult:

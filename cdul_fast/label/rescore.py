@@ -17,7 +17,6 @@ embeddings), not a labelling one.
 from __future__ import annotations
 
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -34,7 +33,7 @@ from ..clip.prompts import Prompts, encode_classes, prompts_from_meta, read_syno
 from ..config import AGGREGATORS, BACKENDS, OUTPUTS, check_choice, check_number
 from ..datasets.folder import parse_classes
 from ..errors import ConfigError, StoreError
-from ..fsutil import save_yaml_atomic
+from ..fsutil import save_yaml_atomic, sigterm_interrupts
 from ..ops import dispatch as ops
 from ..store.label_store import DONE, PENDING, SKIPPED, LabelStore
 from ..views.source import plan_blocks
@@ -254,7 +253,7 @@ def _open_out(cfg: RescoreConfig, src: LabelStore, s: Source, meta: dict) -> Lab
 
 def run_rescore(cfg: RescoreConfig, log: Callable[[str], None] = print) -> RescoreResult:
     """Re-score ``cfg.source``'s embeddings into the new store ``cfg.out``; resumable, interrupt-safe."""
-    from .job import _write_runs, raise_interrupt
+    from .job import _write_runs
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -282,26 +281,24 @@ def run_rescore(cfg: RescoreConfig, log: Callable[[str], None] = print) -> Resco
 
             bar = tqdm(total=int(todo_rows.size), unit="row", disable=not cfg.progress, file=sys.stderr)
             bias_t = torch.from_numpy(bias).to(device) if bias is not None else None
-            previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, raise_interrupt)
             done_now = 0
             try:
-                for block in blocks:
-                    keep = src.done[block[0]:block[-1] + 1] == DONE
-                    with torch.inference_mode():
-                        emb = block_embeddings(src, block, device)
-                        values = score_block(emb, text, scale, s.zeta, s.lam, s.aggregator, s.arrays, cfg.backend)
-                        if bias_t is not None:
-                            values = {k: (v / bias_t).clamp_(0.0, 1.0) for k, v in values.items()}
-                    _write_runs(out, block[keep], {k: v.cpu().numpy()[keep] for k, v in values.items()})
-                    done_now += int(keep.sum())
-                    bar.update(int(keep.sum()))
+                with sigterm_interrupts():
+                    for block in blocks:
+                        keep = src.done[block[0]:block[-1] + 1] == DONE
+                        with torch.inference_mode():
+                            emb = block_embeddings(src, block, device)
+                            values = score_block(emb, text, scale, s.zeta, s.lam, s.aggregator, s.arrays, cfg.backend)
+                            if bias_t is not None:
+                                values = {k: (v / bias_t).clamp_(0.0, 1.0) for k, v in values.items()}
+                        _write_runs(out, block[keep], {k: v.cpu().numpy()[keep] for k, v in values.items()})
+                        done_now += int(keep.sum())
+                        bar.update(int(keep.sum()))
             except KeyboardInterrupt:
                 log(f"interrupted: the store is consistent, {int(out.pending_rows().size)} rows left; continue with "
                     "the same command and --resume")
                 raise
             finally:
-                signal.signal(signal.SIGTERM, previous)
                 bar.close()
             seconds = time.perf_counter() - t0
             labelled, skipped = int((out.done == DONE).sum()), int((out.done == SKIPPED).sum())

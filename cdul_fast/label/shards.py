@@ -30,7 +30,7 @@ from ..datasets import MultiLabelSet
 from ..dist import World
 from ..errors import StoreError, StoreLockedError
 from ..fsutil import fsync_dir
-from ..store.label_store import MAGIC, PENDING, LabelStore, check_unlocked
+from ..store.label_store import PENDING, LabelStore, check_unlocked
 from .job import (
     LabelJob,
     LabelResult,
@@ -71,15 +71,6 @@ def _subset(ds: MultiLabelSet, part: slice) -> MultiLabelSet:
     return replace(ds, paths=ds.paths[part], ids=ds.ids[part], labels=labels, notes=())
 
 
-def _is_store(path: Path) -> bool:
-    """False for a part whose creation was cut short (its magic is written last): it is simply made again."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
-
-
 def run_sharded(job: LabelJob, w: World, log: Callable[[str], None]) -> LabelResult:
     """This rank's parts, then (rank 0) the merge; every rank returns the merged store's counts."""
     cfg, ds = job.cfg, job.ds
@@ -105,8 +96,8 @@ def run_sharded(job: LabelJob, w: World, log: Callable[[str], None]) -> LabelRes
         bar.close()
     counts = w.all_gather((done_now, skipped_now))
     seconds = time.perf_counter() - t0
-    return w.on_main(lambda: _merge(job, folder, parts, log) or _result(
-        job, sum(c[0] for c in counts), sum(c[1] for c in counts), seconds, log))
+    return w.on_main(lambda: _merge(job, folder, parts, sum(c[0] for c in counts), sum(c[1] for c in counts),
+                                    seconds, log))
 
 
 def _setup(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> tuple[str, int]:
@@ -218,7 +209,7 @@ def _label_parts(job: LabelJob, folder: Path, mine: list[slice], bar) -> tuple[i
         segments = []
         for part in mine:
             path = part_path(folder, part)
-            resume = path.exists() and _is_store(path)
+            resume = path.exists()  # unreadable parts were removed by _check_parts before any rank started
             skips = SkipLog(path, _subset(job.ds, part), keep_old=resume)
             store = stack.enter_context(job.open(path, resume, True, part, _part_meta(part)))
             if resume:
@@ -230,9 +221,11 @@ def _label_parts(job: LabelJob, folder: Path, mine: list[slice], bar) -> tuple[i
         return job.fill(segments, bar)
 
 
-def _merge(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str], None]) -> None:
-    """Rank 0: the parts (checksums verified) into a new store beside ``out``, sealed, then renamed over it; the
-    parts folder goes last, so a crash anywhere leaves the old store or the new one, and the parts to merge again."""
+def _merge(job: LabelJob, folder: Path, parts: list[slice], done_now: int, skipped_now: int, seconds: float,
+           log: Callable[[str], None]) -> LabelResult:
+    """Rank 0: the parts (checksums verified) into a new store beside ``out``, sealed, then renamed over it, its
+    skip log written; the parts folder goes last, so a crash anywhere leaves the old store or the new one, and the
+    parts to merge again. Returns the merged store's counts."""
     ds, out = job.ds, Path(job.cfg.out)
     stores = []
     try:
@@ -263,10 +256,11 @@ def _merge(job: LabelJob, folder: Path, parts: list[slice], log: Callable[[str],
     check_unlocked(out)  # a process that opened --out meanwhile keeps its file: refuse rather than replace it
     os.replace(tmp, out)
     fsync_dir(out.parent)
-    with LabelStore.open(out, mode="r") as final:
-        skips.save(final.done)
-    shutil.rmtree(folder)
     log(f"merged {len(parts)} parts into {out}")
+    with LabelStore.open(out, mode="r", verify=False) as final:  # sealed just above: its checksums are fresh
+        result = finish(job, final, skips, done_now, skipped_now, seconds, log)  # writes the skip log
+    shutil.rmtree(folder)
+    return result
 
 
 def _result(job: LabelJob, done_now: int, skipped_now: int, seconds: float, log: Callable[[str], None]

@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from ..dist import SINGLE, World, rank_device
 from ..dist import world as dist_world
 from ..errors import ConfigError, StoreError, WeightsError
 from ..evaluate import average_precision, mean_ap
-from ..fsutil import atomic_write, file_stats, save_json_atomic, save_yaml_atomic
+from ..fsutil import atomic_write, file_stats, save_json_atomic, save_yaml_atomic, sigterm_interrupts
 from ..ops import dispatch as ops
 from ..ops.reference import labels_to_latent, psi_c2_auto
 from ..store.label_store import DONE, LabelStore
@@ -233,7 +232,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print, world: World = SINGLE) -> None:
         cfg.validate()
         self.cfg, self.w = cfg, world
-        self.log = log if world.is_main else _quiet
+        self.log = world.main_log(log)
         self.out = Path(cfg.out)
         self.device = rank_device(cfg.device, world)
         if world.distributed:
@@ -512,14 +511,17 @@ class Trainer:
                 flips = flips[:0] if flips is not None else None
             yield got, x, flips, w.size * got.size / b.size
 
-    def _share_rows(self, rows: np.ndarray, names: tuple[str, ...]) -> None:
-        """Rows each rank computed, copied into every rank's matrices (and rank 0's store): the one gather per
-        update."""
+    def _gather_rows(self, rows: np.ndarray, arrays: list[np.ndarray]) -> None:
+        """The ``rows`` of ``arrays`` each rank computed, copied into every rank's ``arrays`` (one gather)."""
         if self.w.distributed:
-            mats = [self.mat[a] for a in names]
-            for got, *vals in self.w.all_gather((rows, *[np.ascontiguousarray(m[rows]) for m in mats])):
-                for m, v in zip(mats, vals):
-                    m[got] = v
+            for got, *vals in self.w.all_gather((rows, *[np.ascontiguousarray(a[rows]) for a in arrays])):
+                for a, v in zip(arrays, vals):
+                    a[got] = v
+
+    def _share_rows(self, rows: np.ndarray, names: tuple[str, ...]) -> None:
+        """The run matrices' rows each rank computed, on every rank and in rank 0's store: the one gather per
+        update."""
+        self._gather_rows(rows, [self.mat[a] for a in names])
         self._flush()
 
     def _role_step(self, rows: np.ndarray, logits: torch.Tensor) -> torch.Tensor:
@@ -544,18 +546,18 @@ class Trainer:
         gathered once."""
         cfg = self.cfg
         latent, pred, labels = (self.mat[a] for a in ("latent", "pred", "labels"))
-        if not self.w.distributed and self.rows.size == latent.shape[0]:
+        own = self.rows if own is None or not self.w.distributed else np.intersect1d(own, self.rows)
+        if own.size == latent.shape[0]:
             ops.latent_update_stream(latent, pred, cfg.c1, cfg.sigma, cfg.psi_c2, cfg.label_lr, cfg.psi,
                                      device=self.device, labels_out_np=labels, backend=cfg.backend)
-        else:  # rows skipped at labelling time have no prediction: update the trained rows only
-            own = np.intersect1d(own, self.rows) if self.w.distributed and own is not None else self.rows
+        else:  # rows skipped at labelling time have no prediction, other ranks' rows are theirs: update these only
             lat = np.ascontiguousarray(latent[own])
             lab = np.empty_like(lat)
             ops.latent_update_stream(lat, np.ascontiguousarray(pred[own]), cfg.c1, cfg.sigma, cfg.psi_c2,
                                      cfg.label_lr, cfg.psi, device=self.device, labels_out_np=lab,
                                      backend=cfg.backend)
             latent[own], labels[own] = lat, lab
-        self._share_rows(own if self.w.distributed else self.rows[:0], ("latent", "labels", "pred"))
+        self._share_rows(own, ("latent", "labels", "pred"))
 
     def _fix_predictions(self, epoch: int) -> np.ndarray:
         """Y_p of eq. 7 from the network as this epoch left it, held fixed (paper 3.2: "when the training is done,
@@ -589,10 +591,8 @@ class Trainer:
         out = np.zeros((n, len(self.classes)), dtype=np.float32)
         mine = np.arange(n)[self.w.rows_of(n)]
         self._infer(imgs, mine, out, "predict")
-        if self.w.distributed:
-            for rows, vals in self.w.all_gather((mine, out[mine])):
-                out[rows] = vals
-            self._sync_failures()
+        self._gather_rows(mine, [out])
+        self._sync_failures()
         return out
 
     def _metrics(self, epoch: int, loss: float, seconds: float) -> dict:
@@ -698,17 +698,8 @@ class Trainer:
 def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train in this process, or under torchrun as one rank of a DDP job (NCCL on GPUs, gloo on CPUs)."""
     backend = "nccl" if cfg.device != "cpu" and has_cuda() else "gloo"
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`, or torchrun stopping the job: clean up as Ctrl-C does
-    try:
-        with dist_world(backend) as w:
-            return Trainer(cfg, log, w).run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt
+    with sigterm_interrupts(), dist_world(backend) as w:
+        return Trainer(cfg, log, w).run()
 
 
 def _split_batches(order: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -725,10 +716,6 @@ def _check_distributed(cfg: TrainConfig, w: World) -> None:
     if cfg.batch_size % w.size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
                           f"{w.size} processes (each takes an equal share)")
-
-
-def _quiet(_: str) -> None:
-    """Ranks other than 0 print nothing: rank 0 speaks for the job."""
 
 
 # ------------------------------------------------------------------------------------------------------------ utils
