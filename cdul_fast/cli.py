@@ -752,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CdulError as exc:
         if debug:
             raise
-        if not getattr(exc, "from_rank0", False):  # rank 0 printed the error it shared with the other ranks
+        if not exc.from_rank0:  # rank 0 printed the error it shared with the other ranks
             print(f"cdul-fast {ns.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

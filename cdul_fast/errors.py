@@ -7,6 +7,7 @@ class CdulError(Exception):
     """An error caused by input, configuration or environment that the user can fix."""
 
     exit_code = 2
+    from_rank0 = False  # under torchrun: the error rank 0 met and printed, raised again on this rank to end it
 
 
 class ConfigError(CdulError):
