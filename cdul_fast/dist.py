@@ -155,6 +155,8 @@ def world(backend: str = "gloo") -> Iterator[World]:
     try:
         yield World(rank=tdist.get_rank(), size=tdist.get_world_size(), local_rank=int(os.environ["LOCAL_RANK"]),
                     group=group)
+        if owned:  # a command that ended well: no rank tears the group down while another still talks to it
+            tdist.barrier(group=group)
     finally:
         if owned:
             tdist.destroy_process_group()

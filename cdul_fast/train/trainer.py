@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import gc
 import itertools
 import json
 import math
@@ -662,6 +663,13 @@ class Trainer:
         self._checkpoint(epoch)
         self._write_log()
 
+    def release(self) -> None:
+        """Drop the DDP wrapper now: it holds the process group, and one freed later by the garbage collector, after
+        the group is gone, can abort the process at exit."""
+        if self.net is not self.model:
+            self.net = self.model
+            gc.collect()
+
     def _finish(self) -> None:
         self._save_model()
         _plot(self.history, self.out / "curves.png")
@@ -699,7 +707,11 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResu
     """Train in this process, or under torchrun as one rank of a DDP job (NCCL on GPUs, gloo on CPUs)."""
     backend = "nccl" if cfg.device != "cpu" and has_cuda() else "gloo"
     with sigterm_interrupts(), dist_world(backend) as w:
-        return Trainer(cfg, log, w).run()
+        trainer = Trainer(cfg, log, w)
+        try:
+            return trainer.run()
+        finally:
+            trainer.release()
 
 
 def _split_batches(order: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
